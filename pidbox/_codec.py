@@ -1,0 +1,103 @@
+"""Slow-path helpers both dispatch implementations call.
+
+Nothing here runs for a message that is not for this node; it decodes what
+the node will act on, through kombu's serializer and matcher registries, and
+turns their failures into :class:`MalformedRequest` errors that name a field.
+"""
+
+from __future__ import annotations
+
+from kombu import matcher as _matchers
+from kombu.serialization import registry as serializers
+from kombu.utils.json import loads as kombu_json_loads
+
+from .exceptions import MalformedRequest
+
+__all__ = (
+    'JSON_CT', 'MSGPACK_CT', 'MSGPACK_DECODER', 'short', 'error_reply',
+    'load', 'json_text', 'decode_span', 'generic_match', 'native_json',
+    'native_msgpack',
+)
+
+JSON_CT = 'application/json'
+MSGPACK_CT = 'application/x-msgpack'
+#: kombu's own msgpack decoder, taken when pidbox is imported, so that a
+#: decoder registered later in its place turns skimming off.
+MSGPACK_DECODER = serializers._decoders.get(MSGPACK_CT)
+
+
+def native_json() -> bool:
+    """True while kombu's JSON decoder is the registered one."""
+    return serializers._decoders.get(JSON_CT) is kombu_json_loads
+
+
+def native_msgpack() -> bool:
+    """True while kombu's msgpack decoder is the registered one."""
+    return (MSGPACK_DECODER is not None and
+            serializers._decoders.get(MSGPACK_CT) is MSGPACK_DECODER)
+
+
+def short(value) -> str:
+    """A repr short enough for a log line, whatever a sender put there."""
+    text = repr(value)
+    return text if len(text) <= 64 else text[:61] + '...'
+
+
+def error_reply(exc: BaseException) -> dict:
+    """The reply kombu sends when a handler raised."""
+    return {'error': repr(exc)}
+
+
+def load(body, content_type: str):
+    """Decode a whole body with the decoder kombu has registered."""
+    decoder = serializers._decoders.get(content_type)
+    if decoder is None:
+        raise MalformedRequest(
+            'content_type', f'no decoder registered for {content_type!r}')
+    try:
+        return decoder(body)
+    except Exception as exc:
+        raise MalformedRequest(
+            'body', f'cannot decode {content_type}: {exc!r}') from None
+
+
+def json_text(body, content_encoding) -> str:
+    """The JSON text of a body, decoded with its content encoding."""
+    if isinstance(body, str):
+        return body
+    encoding = content_encoding or 'utf-8'
+    if encoding == 'binary' or encoding == 'ascii-8bit':
+        encoding = 'utf-8'
+    try:
+        return str(body, encoding)
+    except LookupError:
+        raise MalformedRequest(
+            'content_encoding', f'unknown encoding {short(encoding)}'
+        ) from None
+    except (UnicodeDecodeError, TypeError) as exc:
+        raise MalformedRequest(
+            'body', f'cannot decode text as {encoding}: {exc}') from None
+
+
+def decode_span(loads, data, spans: dict, key: str):
+    """Decode the value of one routing key found by a skim (None if absent)."""
+    span = spans.get(key)
+    if span is None:
+        return None
+    try:
+        return loads(data[span[0]:span[1]])
+    except Exception as exc:
+        raise MalformedRequest(key, f'cannot decode value: {exc!r}') from None
+
+
+def generic_match(hostname: str, pattern, matcher) -> bool:
+    """kombu's matcher registry, for matchers and types without a fast path."""
+    try:
+        return bool(_matchers.match(hostname, pattern, matcher))
+    except _matchers.MatcherNotInstalled:
+        raise MalformedRequest(
+            'matcher', f'no matcher installed for {short(matcher)}') from None
+    except Exception as exc:
+        raise MalformedRequest(
+            'pattern', f'{short(matcher)} matcher failed on {short(pattern)}: '
+                       f'{exc!r}') from None

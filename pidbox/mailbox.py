@@ -1,0 +1,358 @@
+"""The process mailbox: names, queues, and the client side of remote control."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from contextlib import contextmanager
+from copy import copy
+from time import monotonic, time
+
+from kombu import Exchange
+from kombu.clocks import LamportClock
+from kombu.common import maybe_declare, oid_from
+from kombu.exceptions import ContentDisallowed, DecodeError, InconsistencyError
+from kombu.utils.functional import maybe_evaluate
+from kombu.utils.objects import cached_property
+from kombu.utils.uuid import uuid
+
+import pidbox as _api  # Producer/Consumer/Queue are looked up here: patchable
+
+from .exceptions import ROUTE_HEADER
+from .node import Node
+from .replies import Unclaimed
+
+__all__ = ('Mailbox', 'REPLY_QUEUE_EXPIRES')
+
+logger = logging.getLogger(__name__)
+
+REPLY_QUEUE_EXPIRES = 10
+
+
+class Mailbox:
+    """Process mailbox: broadcast commands to nodes and collect replies.
+
+    A drop-in for :class:`kombu.pidbox.Mailbox` (same constructor, attributes
+    and methods, same wire format), with a total deadline for ``timeout``,
+    ``limit`` counting matching replies, a bounded :attr:`unclaimed`, and
+    routing headers that let pidbox nodes skip requests for other nodes
+    without decoding them.
+    """
+
+    node_cls = Node
+    exchange_fmt = '%s.pidbox'
+    reply_exchange_fmt = 'reply.%s.pidbox'
+
+    #: Name of application.
+    namespace = None
+
+    #: Connection (if bound).
+    connection = None
+
+    #: Exchange type (usually direct, or fanout for broadcast).
+    type = 'direct'
+
+    #: mailbox exchange (init by constructor).
+    exchange = None
+
+    #: exchange to send replies to.
+    reply_exchange = None
+
+    #: Only accepts json messages by default.
+    accept = ['json']
+
+    #: Message serializer
+    serializer = None
+
+    def __init__(self, namespace,
+                 type='direct', connection=None, clock=None,
+                 accept=None, serializer=None, producer_pool=None,
+                 queue_ttl=None, queue_expires=None,
+                 queue_durable=None, queue_exclusive=None,
+                 reply_queue_ttl=None, reply_queue_expires=10.0,
+                 durable=None, exclusive=None):
+        queue_durable = _alias('queue_durable', queue_durable,
+                               'durable', durable, False)
+        queue_exclusive = _alias('queue_exclusive', queue_exclusive,
+                                 'exclusive', exclusive, True)
+        self.namespace = namespace
+        self.connection = connection
+        self.type = type
+        self.clock = LamportClock() if clock is None else clock
+        self.exchange = self._get_exchange(self.namespace, self.type)
+        self.reply_exchange = self._get_reply_exchange(self.namespace)
+        self.unclaimed = Unclaimed()
+        self.accept = self.accept if accept is None else accept
+        self.serializer = self.serializer if serializer is None else serializer
+        self.queue_ttl = queue_ttl
+        self.queue_expires = queue_expires
+        self.queue_durable = queue_durable
+        self.queue_exclusive = queue_exclusive
+        self.reply_queue_ttl = reply_queue_ttl
+        self.reply_queue_expires = reply_queue_expires
+        self._producer_pool = producer_pool
+        if queue_exclusive and queue_durable:
+            raise ValueError(
+                'queue_exclusive and queue_durable cannot both be True '
+                '(exclusive queues are automatically deleted and cannot be '
+                'durable).',
+            )
+
+    def __call__(self, connection):
+        bound = copy(self)
+        bound.connection = connection
+        return bound
+
+    def Node(self, hostname=None, state=None, channel=None, handlers=None):
+        hostname = hostname or socket.gethostname()
+        return self.node_cls(hostname, state, channel, handlers, mailbox=self)
+
+    def call(self, destination, command, kwargs=None,
+             timeout=None, callback=None, channel=None):
+        kwargs = {} if not kwargs else kwargs
+        return self._broadcast(command, kwargs, destination,
+                               reply=True, timeout=timeout,
+                               callback=callback,
+                               channel=channel)
+
+    def cast(self, destination, command, kwargs=None):
+        kwargs = {} if not kwargs else kwargs
+        return self._broadcast(command, kwargs, destination, reply=False)
+
+    def abcast(self, command, kwargs=None):
+        kwargs = {} if not kwargs else kwargs
+        return self._broadcast(command, kwargs, reply=False)
+
+    def multi_call(self, command, kwargs=None, timeout=1,
+                   limit=None, callback=None, channel=None):
+        kwargs = {} if not kwargs else kwargs
+        return self._broadcast(command, kwargs, reply=True,
+                               timeout=timeout, limit=limit,
+                               callback=callback,
+                               channel=channel)
+
+    def get_reply_queue(self):
+        oid = self.oid
+        return _api.Queue(
+            f'{oid}.{self.reply_exchange.name}',
+            exchange=self.reply_exchange,
+            routing_key=oid,
+            durable=self.queue_durable,
+            exclusive=self.queue_exclusive,
+            auto_delete=not self.queue_durable,
+            expires=self.reply_queue_expires,
+            message_ttl=self.reply_queue_ttl,
+        )
+
+    @cached_property
+    def reply_queue(self):
+        return self.get_reply_queue()
+
+    def get_queue(self, hostname):
+        return _api.Queue(
+            f'{hostname}.{self.namespace}.pidbox',
+            exchange=self.exchange,
+            durable=self.queue_durable,
+            exclusive=self.queue_exclusive,
+            auto_delete=not self.queue_durable,
+            expires=self.queue_expires,
+            message_ttl=self.queue_ttl,
+        )
+
+    @contextmanager
+    def producer_or_acquire(self, producer=None, channel=None):
+        if producer:
+            yield producer
+        elif self.producer_pool:
+            with self.producer_pool.acquire() as producer:
+                yield producer
+        else:
+            yield _api.Producer(channel, auto_declare=False)
+
+    def _publish_reply(self, reply, exchange, routing_key, ticket,
+                       channel=None, producer=None, **opts):
+        chan = channel or self.connection.default_channel
+        exchange = Exchange(exchange, exchange_type='direct',
+                            delivery_mode='transient',
+                            durable=False)
+        with self.producer_or_acquire(producer, chan) as producer:
+            try:
+                producer.publish(
+                    reply, exchange=exchange, routing_key=routing_key,
+                    declare=[exchange], headers={
+                        'ticket': ticket, 'clock': self.clock.forward(),
+                    }, retry=True,
+                    **opts
+                )
+            except InconsistencyError:
+                # the reply queue is gone: nobody is waiting for this reply.
+                pass
+
+    def _publish(self, type, arguments, destination=None,
+                 reply_ticket=None, channel=None, timeout=None,
+                 serializer=None, producer=None, pattern=None, matcher=None):
+        message = {'method': type,
+                   'arguments': arguments,
+                   'destination': destination,
+                   'pattern': pattern,
+                   'matcher': matcher}
+        chan = channel or self.connection.default_channel
+        exchange = self.exchange
+        if reply_ticket:
+            maybe_declare(self.reply_queue(chan))
+            message.update(ticket=reply_ticket,
+                           reply_to={'exchange': self.reply_exchange.name,
+                                     'routing_key': self.oid})
+        serializer = serializer or self.serializer
+        with self.producer_or_acquire(producer, chan) as producer:
+            producer.publish(
+                message, exchange=exchange.name, declare=[exchange],
+                headers={'clock': self.clock.forward(),
+                         'expires': time() + timeout if timeout else 0,
+                         ROUTE_HEADER: [list(destination or ()),
+                                        pattern or '', matcher or '']},
+                serializer=serializer, retry=True,
+            )
+
+    def _broadcast(self, command, arguments=None, destination=None,
+                   reply=False, timeout=1, limit=None,
+                   callback=None, channel=None, serializer=None,
+                   pattern=None, matcher=None):
+        if destination is not None and \
+                not isinstance(destination, (list, tuple)):
+            raise ValueError(
+                'destination must be a list/tuple not {}'.format(
+                    type(destination)))
+        if (pattern is not None and not isinstance(pattern, str) and
+                matcher is not None and not isinstance(matcher, str)):
+            raise ValueError(
+                'pattern and matcher must be '
+                'strings not {}, {}'.format(type(pattern), type(matcher))
+            )
+
+        arguments = arguments or {}
+        reply_ticket = reply and uuid() or None
+        chan = channel or self.connection.default_channel
+
+        # Set reply limit to number of destinations (if specified)
+        if limit is None and destination:
+            limit = destination and len(destination) or None
+
+        serializer = serializer or self.serializer
+        self._publish(command, arguments, destination=destination,
+                      reply_ticket=reply_ticket,
+                      channel=chan,
+                      timeout=timeout,
+                      serializer=serializer,
+                      pattern=pattern,
+                      matcher=matcher)
+
+        if reply_ticket:
+            return self._collect(reply_ticket, limit=limit,
+                                 timeout=timeout,
+                                 callback=callback,
+                                 channel=chan)
+
+    def _collect(self, ticket,
+                 limit=None, timeout=1, callback=None,
+                 channel=None, accept=None):
+        """Collect the replies for ``ticket``.
+
+        Returns once ``limit`` replies for this ticket arrived, or when
+        ``timeout`` seconds have passed since the call began (a total
+        deadline, not an idle gap); ``timeout=None`` waits without end.
+        Replies for other tickets are kept in :attr:`unclaimed`.
+        """
+        if accept is None:
+            accept = self.accept
+        deadline = None if timeout is None else monotonic() + timeout
+        chan = channel or self.connection.default_channel
+        queue = self.reply_queue
+        consumer = _api.Consumer(chan, [queue], accept=accept, no_ack=True)
+        responses = []
+        unclaimed = self.unclaimed
+        adjust_clock = self.clock.adjust
+
+        for body in unclaimed.pop(ticket, ()):
+            if callback:
+                callback(body)
+            responses.append(body)
+        if limit is not None and len(responses) >= limit:
+            return responses
+
+        def on_message(message):
+            headers = message.headers or {}
+            clock = headers.get('clock')
+            adjust_clock(clock if type(clock) is int else 0)
+            expires = headers.get('expires')
+            if expires and isinstance(expires, (int, float)) and \
+                    time() > expires:
+                return
+            this_id = headers.get('ticket', ticket)
+            try:
+                body = message.decode()
+            except (DecodeError, ContentDisallowed) as exc:
+                if this_id == ticket:
+                    raise  # the caller asked, and is told (as kombu does)
+                logger.warning('pidbox: dropped reply for ticket %s: %r',
+                               this_id, exc)
+                return
+            if this_id == ticket:
+                if callback:
+                    callback(body)
+                responses.append(body)
+            else:
+                try:
+                    unclaimed.add(this_id, body)
+                except TypeError:  # an unhashable ticket from a stranger
+                    logger.warning('pidbox: dropped reply with ticket %r',
+                                   this_id)
+
+        consumer.on_message = on_message
+        drain_events = self.connection.drain_events
+        try:
+            with consumer:
+                while limit is None or len(responses) < limit:
+                    if deadline is None:
+                        remaining = None
+                    else:
+                        remaining = deadline - monotonic()
+                        if remaining <= 0:
+                            break
+                    try:
+                        drain_events(timeout=remaining)
+                    except socket.timeout:
+                        break
+                return responses
+        finally:
+            chan.after_reply_message_received(queue.name)
+
+    def _get_exchange(self, namespace, type):
+        return Exchange(self.exchange_fmt % namespace,
+                        type=type,
+                        durable=False,
+                        delivery_mode='transient')
+
+    def _get_reply_exchange(self, namespace):
+        return Exchange(self.reply_exchange_fmt % namespace,
+                        type='direct',
+                        durable=False,
+                        delivery_mode='transient')
+
+    @property
+    def oid(self):
+        return oid_from(self)
+
+    @cached_property
+    def producer_pool(self):
+        return maybe_evaluate(self._producer_pool)
+
+
+def _alias(name, value, alias, alias_value, default):
+    """Reconcile kombu 5.7's keyword with its 5.6 documentation alias."""
+    if alias_value is None:
+        return default if value is None else value
+    if value is not None and bool(value) != bool(alias_value):
+        raise ValueError(f'{name}={value!r} contradicts {alias}='
+                         f'{alias_value!r}: give one of them')
+    return alias_value

@@ -1,0 +1,266 @@
+"""The mailbox node: the process end that receives commands and replies."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from time import time
+
+from kombu.exceptions import ContentDisallowed, DecodeError, InconsistencyError
+from kombu.serialization import prepare_accept_content
+from kombu.utils.functional import reprcall
+
+import pidbox as _api  # Consumer is looked up here so patching pidbox.Consumer works
+
+from . import _core
+from ._codec import error_reply
+from .exceptions import MalformedRequest
+
+__all__ = ('Node', 'W_PIDBOX_IN_USE')
+
+logger = logging.getLogger(__name__)
+
+W_PIDBOX_IN_USE = """\
+A node named {node.hostname} is already using this process mailbox!
+
+Maybe you forgot to shutdown the other node or did not do so properly?
+Or if you meant to start multiple nodes on the same host please make sure
+you give each node a unique node name!
+"""
+
+_DISPATCH_METHODS = ('dispatch', 'handle', 'handle_call', 'handle_cast')
+
+
+def _as_clock(value):
+    """The Lamport clock a header carries, or 0 when it carries none."""
+    if type(value) is int:
+        return value
+    if value:
+        logger.debug('pidbox: ignoring clock header %r: not an integer', value)
+    return 0
+
+
+class Node:
+    """Mailbox node: consumes commands for ``hostname`` and runs handlers."""
+
+    #: hostname of the node.
+    hostname = None
+
+    #: the :class:`~pidbox.Mailbox` this is a node for.
+    mailbox = None
+
+    #: map of method name/handlers.
+    handlers = None
+
+    #: current context (passed on to handlers)
+    state = None
+
+    #: current channel.
+    channel = None
+
+    #: the dispatch core module (compiled or pure) this node decides with.
+    dispatch_core = _core.core
+
+    def __init__(self, hostname, state=None, channel=None,
+                 handlers=None, mailbox=None):
+        self.channel = channel
+        self.mailbox = mailbox
+        self.hostname = hostname
+        self.state = state
+        self.adjust_clock = self.mailbox.clock.adjust
+        if handlers is None:
+            handlers = {}
+        self.handlers = handlers
+        self._dispatcher = None
+
+    def Consumer(self, channel=None, no_ack=True, accept=None, **options):
+        queue = self.mailbox.get_queue(self.hostname)
+
+        def verify_exclusive(name, messages, consumers):
+            if consumers:
+                warnings.warn(W_PIDBOX_IN_USE.format(node=self))
+        queue.on_declared = verify_exclusive
+
+        conn = self.mailbox.connection
+        channel_errors = conn.channel_errors if conn else ()
+        try:
+            return _api.Consumer(
+                channel or self.channel, [queue], no_ack=no_ack,
+                accept=self.mailbox.accept if accept is None else accept,
+                **options
+            )
+        except channel_errors as exc:
+            if getattr(exc, 'code', 0) == 405:
+                raise InconsistencyError(
+                    W_PIDBOX_IN_USE.format(node=self)
+                ) from exc
+            raise
+
+    def handler(self, fun):
+        self.handlers[fun.__name__] = fun
+        return fun
+
+    def on_decode_error(self, message, exc):
+        logger.error('Cannot decode message: %r', exc, exc_info=1)
+
+    def listen(self, channel=None, callback=None):
+        """Start consuming the node queue.
+
+        Without ``callback`` the node reads raw messages itself and decides
+        with the dispatch core before anything is decoded; the consumer still
+        names :meth:`handle_message` in its callbacks, as kombu's does.  With
+        ``callback`` (Celery's way) kombu decodes each message and the
+        callback is expected to call :meth:`handle_message`.
+        """
+        consumer = self.Consumer(channel=channel,
+                                 callbacks=[callback or self.handle_message],
+                                 on_decode_error=self.on_decode_error)
+        if callback is None and \
+                type(self).handle_message is Node.handle_message:
+            dispatcher = self.dispatch_core.Dispatcher(
+                self.hostname, consumer.accept)
+            consumer.on_message = (
+                lambda message: self.handle_raw_message(
+                    message, consumer.on_decode_error, dispatcher))
+        consumer.consume()
+        return consumer
+
+    def dispatch(self, method, arguments=None,
+                 reply_to=None, ticket=None, **kwargs):
+        arguments = arguments or {}
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug('pidbox received method %s [reply_to:%s ticket:%s]',
+                         reprcall(method, (), kwargs=arguments), reply_to,
+                         ticket)
+        handle = reply_to and self.handle_call or self.handle_cast
+        try:
+            reply = handle(method, arguments)
+        except SystemExit:
+            raise
+        except Exception as exc:
+            logger.error('pidbox command error: %r', exc, exc_info=1)
+            reply = error_reply(exc)
+
+        if reply_to:
+            self.reply({self.hostname: reply},
+                       exchange=reply_to['exchange'],
+                       routing_key=reply_to['routing_key'],
+                       ticket=ticket)
+        return reply
+
+    def handle(self, method, arguments=None):
+        arguments = {} if not arguments else arguments
+        return self.handlers[method](self.state, **arguments)
+
+    def handle_call(self, method, arguments):
+        return self.handle(method, arguments)
+
+    def handle_cast(self, method, arguments):
+        return self.handle(method, arguments)
+
+    def get_dispatcher(self):
+        """The dispatch core's decision maker for this node (cached)."""
+        dispatcher = self._dispatcher
+        if dispatcher is None or dispatcher.hostname != self.hostname or \
+                type(dispatcher) is not self.dispatch_core.Dispatcher:
+            dispatcher = self._dispatcher = self.dispatch_core.Dispatcher(
+                self.hostname, prepare_accept_content(self.mailbox.accept))
+        return dispatcher
+
+    def handle_message(self, body, message=None):
+        """Run a decoded request if it is for this node; return the reply.
+
+        A malformed request is logged with what was wrong and ignored: it
+        never raises into the consumer that delivered it.
+        """
+        if message:
+            self.adjust_clock(_as_clock(message.headers.get('clock')))
+        try:
+            request = self.get_dispatcher().route(body)
+        except DecodeError as exc:
+            logger.error('pidbox: rejected request: %s', exc)
+            return None
+        if request is None or (message and self._expired(message.headers)):
+            return None
+        return self._run(request)
+    dispatch_from_message = handle_message
+
+    def handle_raw_message(self, message, on_decode_error=None,
+                           dispatcher=None):
+        """Decide on and run one raw :class:`kombu.Message` (no decode first).
+
+        Undecodable bodies, refused content types and malformed requests go
+        to ``on_decode_error`` (the node's by default); nothing raises out.
+        """
+        headers = message.headers
+        self.adjust_clock(_as_clock(headers.get('clock') if headers else None))
+        try:
+            request = (dispatcher or self.get_dispatcher()).decode(
+                message.body, message.content_type, message.content_encoding,
+                headers)
+        except (DecodeError, ContentDisallowed) as exc:
+            (on_decode_error or self.on_decode_error)(message, exc)
+            return None
+        except Exception as exc:
+            logger.error('pidbox: cannot route message: %r', exc,
+                         exc_info=True)
+            return None
+        if request is None or self._expired(headers):
+            return None
+        return self._run(request)
+
+    def _expired(self, headers) -> bool:
+        expires = headers.get('expires') if headers else None
+        if not expires:
+            return False
+        try:
+            expired = time() > expires
+        except TypeError:
+            logger.error('pidbox: rejected request: %s', MalformedRequest(
+                'expires', f'expected a number, got {type(expires).__name__}'))
+            return True
+        if expired:
+            logger.debug('pidbox: dropped expired request (expired at %s)',
+                         expires)
+        return expired
+
+    def _run(self, request):
+        method = request['method']
+        arguments = request.get('arguments')
+        reply_to = request.get('reply_to')
+        ticket = request.get('ticket')
+        if self._has_default_dispatch():
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug(
+                    'pidbox received method %s [reply_to:%s ticket:%s]',
+                    reprcall(method, (), kwargs=arguments or {}), reply_to,
+                    ticket)
+            reply = self.dispatch_core.execute(
+                self.handlers, self.state, method, arguments)
+            if reply_to:
+                self.reply({self.hostname: reply},
+                           exchange=reply_to['exchange'],
+                           routing_key=reply_to['routing_key'],
+                           ticket=ticket)
+            return reply
+        return self.dispatch(
+            method, arguments, reply_to, ticket,
+            destination=request.get('destination'),
+            pattern=request.get('pattern'), matcher=request.get('matcher'))
+
+    def _has_default_dispatch(self) -> bool:
+        cls = type(self)
+        default = cls.__dict__.get('_default_dispatch_cache')
+        if default is None:
+            default = all(getattr(cls, name) is getattr(Node, name)
+                          for name in _DISPATCH_METHODS)
+            cls._default_dispatch_cache = default
+        if not default:
+            return False
+        instance = self.__dict__
+        return not any(name in instance for name in _DISPATCH_METHODS)
+
+    def reply(self, data, exchange, routing_key, ticket, **kwargs):
+        self.mailbox._publish_reply(data, exchange, routing_key, ticket,
+                                    channel=self.channel,
+                                    serializer=self.mailbox.serializer)

@@ -1,0 +1,77 @@
+"""Replies that arrived for a ticket nobody was collecting at the time."""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from time import monotonic
+
+__all__ = ('Unclaimed',)
+
+
+class Unclaimed:
+    """A bounded ``defaultdict(deque)`` of replies by ticket.
+
+    kombu keeps replies for other tickets forever; a long-lived client that
+    shares a reply queue grows without limit.  Here the oldest tickets are
+    dropped once more than ``max_replies`` replies are held, and a ticket's
+    replies are dropped ``max_age`` seconds after the first one arrived.
+    """
+
+    def __init__(self, max_replies: int = 10_000, max_age: float = 60.0):
+        self.max_replies = max_replies
+        self.max_age = max_age
+        self._tickets: OrderedDict = OrderedDict()   # ticket -> (born, deque)
+        self._count = 0
+
+    def add(self, ticket, reply) -> None:
+        entry = self._tickets.get(ticket)
+        if entry is None:
+            entry = self._tickets[ticket] = (monotonic(), deque())
+        entry[1].append(reply)
+        self._count += 1
+        self._evict()
+
+    def _evict(self) -> None:
+        tickets = self._tickets
+        oldest_allowed = monotonic() - self.max_age
+        while tickets:
+            ticket, (born, replies) = next(iter(tickets.items()))
+            if self._count <= self.max_replies and born >= oldest_allowed:
+                break
+            del tickets[ticket]
+            self._count = max(0, self._count - len(replies))
+
+    def __getitem__(self, ticket) -> deque:
+        entry = self._tickets.get(ticket)
+        if entry is None:
+            entry = self._tickets[ticket] = (monotonic(), deque())
+        return entry[1]
+
+    def pop(self, ticket, *default):
+        self._evict()
+        try:
+            _, replies = self._tickets.pop(ticket)
+        except KeyError:
+            if default:
+                return default[0]
+            raise
+        self._count = max(0, self._count - len(replies))
+        return replies
+
+    def __contains__(self, ticket) -> bool:
+        return ticket in self._tickets
+
+    def __len__(self) -> int:
+        return len(self._tickets)
+
+    def __iter__(self):
+        return iter(self._tickets)
+
+    def clear(self) -> None:
+        self._tickets.clear()
+        self._count = 0
+
+    @property
+    def reply_count(self) -> int:
+        """How many replies are held, over all tickets."""
+        return self._count

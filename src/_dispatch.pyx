@@ -1,0 +1,557 @@
+# cython: language_level=3, embedsignature=True
+"""Compiled dispatch core: the hot path of a pidbox node.
+
+The same algorithm as the pure twin ``pidbox/_dispatch_py.py``, statement for
+statement (read that module's docstring first); here the skimming walks the
+JSON text and the msgpack bytes in C without building a single Python object
+for the values it skips.  Errors and slow paths are shared with the twin
+through ``pidbox._codec`` and ``pidbox.exceptions``.
+"""
+
+import json
+import logging
+import re
+from fnmatch import fnmatch, translate
+
+from kombu import matcher as _matchers
+
+from pidbox._codec import (
+    JSON_CT, MSGPACK_CT, MSGPACK_DECODER, decode_span, error_reply,
+    generic_match, json_text, kombu_json_loads, load, native_json,
+    native_msgpack, short,
+)
+from pidbox.exceptions import (
+    INSECURE_CONTENT, ROUTE_HEADER, TRUSTED_CONTENT, ContentDisallowed,
+    MalformedRequest,
+)
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.dict cimport PyDict_GetItem
+from cpython.object cimport PyObject
+
+cdef extern from "Python.h":
+    int PyUnicode_KIND(object o)
+    void* PyUnicode_DATA(object o)
+    Py_UCS4 PyUnicode_READ(int kind, void* data, Py_ssize_t index) nogil
+    Py_ssize_t PyUnicode_GET_LENGTH(object o)
+
+__all__ = ('Dispatcher', 'validate', 'execute')
+
+logger = logging.getLogger('pidbox.dispatch')
+
+cdef object _PCRE = re.match
+cdef Py_ssize_t _CACHE_SIZE = 256
+cdef dict _glob_cache = {}
+cdef dict _pcre_cache = {}
+cdef object _re_error = re.error
+cdef object _serializer_decoders = None
+
+
+cdef object _compiled(dict cache, str pattern, str source):
+    if len(cache) >= _CACHE_SIZE:
+        cache.clear()
+    rx = re.compile(source)
+    cache[pattern] = rx
+    return rx
+
+
+# -- JSON skimming ---------------------------------------------------------
+
+cdef object _json_error(str what, Py_ssize_t pos):
+    return MalformedRequest('body', f'invalid JSON: {what} at offset {pos}')
+
+
+cdef inline bint _is_ws(Py_UCS4 c) nogil:
+    return c == 32 or c == 9 or c == 10 or c == 13
+
+
+cdef inline Py_ssize_t _skip_ws(int kind, void* data, Py_ssize_t pos,
+                                Py_ssize_t n) nogil:
+    while pos < n and _is_ws(PyUnicode_READ(kind, data, pos)):
+        pos += 1
+    return pos
+
+
+cdef Py_ssize_t _json_string_end(int kind, void* data, Py_ssize_t pos,
+                                 Py_ssize_t n) except -1:
+    cdef Py_ssize_t i = pos + 1
+    cdef Py_UCS4 c
+    while i < n:
+        c = PyUnicode_READ(kind, data, i)
+        if c == 92:        # backslash
+            i += 2
+        elif c == 34:      # quote
+            return i + 1
+        else:
+            i += 1
+    raise _json_error('unterminated string', pos)
+
+
+cdef Py_ssize_t _json_value_end(int kind, void* data, Py_ssize_t pos,
+                                Py_ssize_t n) except -1:
+    cdef Py_UCS4 c
+    cdef Py_ssize_t start, depth, end
+    if pos >= n:
+        raise _json_error('expected a value', pos)
+    c = PyUnicode_READ(kind, data, pos)
+    if c == 34:
+        return _json_string_end(kind, data, pos, n)
+    if c == 91 or c == 123:    # [ {
+        start = pos
+        depth = 1
+        pos += 1
+        while pos < n:
+            c = PyUnicode_READ(kind, data, pos)
+            if c == 34:
+                pos = _json_string_end(kind, data, pos, n)
+            elif c == 91 or c == 123:
+                depth += 1
+                pos += 1
+            elif c == 93 or c == 125:
+                depth -= 1
+                pos += 1
+                if depth == 0:
+                    return pos
+            else:
+                pos += 1
+        raise _json_error('unterminated array or object', start)
+    end = pos
+    while end < n:
+        c = PyUnicode_READ(kind, data, end)
+        if c == 44 or c == 125 or c == 93 or _is_ws(c):
+            break
+        end += 1
+    if end == pos:
+        raise _json_error('expected a value', pos)
+    return end
+
+
+cdef bint _chars_equal(int kind, void* data, Py_ssize_t pos, Py_ssize_t n,
+                       const char* name, Py_ssize_t size):
+    cdef Py_ssize_t i
+    if n != size:
+        return False
+    for i in range(size):
+        if PyUnicode_READ(kind, data, pos + i) != <Py_UCS4>name[i]:
+            return False
+    return True
+
+
+cdef int _json_routing_index(int kind, void* data, Py_ssize_t pos,
+                             Py_ssize_t n):
+    """0, 1, 2 for destination, pattern, matcher; -1 for any other key."""
+    if _chars_equal(kind, data, pos, n, b'destination', 11):
+        return 0
+    if _chars_equal(kind, data, pos, n, b'pattern', 7):
+        return 1
+    if _chars_equal(kind, data, pos, n, b'matcher', 7):
+        return 2
+    return -1
+
+
+cdef int _name_index(str key):
+    if key == 'destination':
+        return 0
+    if key == 'pattern':
+        return 1
+    if key == 'matcher':
+        return 2
+    return -1
+
+
+cdef dict _skim_json(str s):
+    cdef int kind = PyUnicode_KIND(s)
+    cdef void* data = PyUnicode_DATA(s)
+    cdef Py_ssize_t n = PyUnicode_GET_LENGTH(s)
+    cdef Py_ssize_t pos, key_end, start, end, i
+    cdef Py_ssize_t spans[3][2]
+    cdef bint escaped
+    cdef int index
+    cdef dict result
+    for i in range(3):
+        spans[i][0] = -1
+    pos = _skip_ws(kind, data, 0, n)
+    if pos >= n or PyUnicode_READ(kind, data, pos) != 123:
+        raise MalformedRequest('body', 'expected a JSON object')
+    pos = _skip_ws(kind, data, pos + 1, n)
+    if pos < n and PyUnicode_READ(kind, data, pos) == 125:
+        pos += 1
+    else:
+        while True:
+            if pos >= n or PyUnicode_READ(kind, data, pos) != 34:
+                raise _json_error('expected a string key', pos)
+            key_end = _json_string_end(kind, data, pos, n)
+            escaped = False
+            for i in range(pos + 1, key_end - 1):
+                if PyUnicode_READ(kind, data, i) == 92:
+                    escaped = True
+                    break
+            if escaped:
+                try:
+                    key = json.loads(s[pos:key_end])
+                except ValueError:
+                    raise _json_error('invalid string key', pos) from None
+                index = _name_index(key) if type(key) is str else -1
+            else:
+                index = _json_routing_index(kind, data, pos + 1,
+                                            key_end - pos - 2)
+            pos = _skip_ws(kind, data, key_end, n)
+            if pos >= n or PyUnicode_READ(kind, data, pos) != 58:
+                raise _json_error("expected ':'", pos)
+            start = _skip_ws(kind, data, pos + 1, n)
+            end = _json_value_end(kind, data, start, n)
+            if index >= 0:
+                spans[index][0] = start
+                spans[index][1] = end
+            pos = _skip_ws(kind, data, end, n)
+            if pos < n and PyUnicode_READ(kind, data, pos) == 44:
+                pos = _skip_ws(kind, data, pos + 1, n)
+            elif pos < n and PyUnicode_READ(kind, data, pos) == 125:
+                pos += 1
+                break
+            else:
+                raise _json_error("expected ',' or '}'", pos)
+    pos = _skip_ws(kind, data, pos, n)
+    if pos != n:
+        raise _json_error('trailing data', pos)
+    return _spans_dict(spans)
+
+
+cdef dict _spans_dict(Py_ssize_t spans[3][2]):
+    cdef dict result = {}
+    if spans[0][0] >= 0:
+        result['destination'] = (spans[0][0], spans[0][1])
+    if spans[1][0] >= 0:
+        result['pattern'] = (spans[1][0], spans[1][1])
+    if spans[2][0] >= 0:
+        result['matcher'] = (spans[2][0], spans[2][1])
+    return result
+
+
+# -- msgpack skimming ------------------------------------------------------
+
+cdef object _mp_error(str what, Py_ssize_t pos):
+    return MalformedRequest('body', f'invalid msgpack: {what} at offset {pos}')
+
+
+cdef Py_ssize_t _mp_uint(const unsigned char* b, Py_ssize_t pos, int size,
+                         Py_ssize_t n, unsigned long long* out) except -1:
+    cdef unsigned long long value = 0
+    cdef int i
+    if pos + size > n:
+        raise _mp_error('truncated', pos)
+    for i in range(size):
+        value = (value << 8) | b[pos + i]
+    out[0] = value
+    return 0
+
+
+cdef Py_ssize_t _mp_header(const unsigned char* b, Py_ssize_t pos,
+                           Py_ssize_t n, unsigned long long* payload,
+                           unsigned long long* children) except -1:
+    """Read one header: return the position after it, set payload/children."""
+    cdef unsigned char c
+    cdef int size = 0
+    cdef unsigned long long fixed = 0, value = 0
+    cdef int kind = 0
+    if pos >= n:
+        raise _mp_error('truncated', pos)
+    c = b[pos]
+    payload[0] = 0
+    children[0] = 0
+    if c <= 0x7f or c >= 0xe0:
+        return pos + 1
+    if c <= 0x8f:
+        children[0] = 2 * (c & 0x0f)
+        return pos + 1
+    if c <= 0x9f:
+        children[0] = c & 0x0f
+        return pos + 1
+    if c <= 0xbf:
+        payload[0] = c & 0x1f
+        return pos + 1
+    if c == 0xc1:
+        raise _mp_error('reserved byte 0xc1', pos)
+    if c == 0xc0 or c == 0xc2 or c == 0xc3:
+        pass
+    elif c <= 0xc6:
+        size = 1 << (c - 0xc4)
+    elif c <= 0xc9:
+        size = 1 << (c - 0xc7)
+        fixed = 1
+    elif c == 0xca:
+        fixed = 4
+    elif c == 0xcb:
+        fixed = 8
+    elif c <= 0xcf:
+        fixed = 1 << (c - 0xcc)
+    elif c <= 0xd3:
+        fixed = 1 << (c - 0xd0)
+    elif c <= 0xd8:
+        fixed = (1 << (c - 0xd4)) + 1
+    elif c <= 0xdb:
+        size = 1 << (c - 0xd9)
+    elif c <= 0xdd:
+        size = 2 << (c - 0xdc)
+        kind = 1
+    else:
+        size = 2 << (c - 0xde)
+        kind = 2
+    if size:
+        _mp_uint(b, pos + 1, size, n, &value)
+    if kind == 0:
+        payload[0] = fixed + value
+    elif kind == 1:
+        children[0] = value
+    else:
+        children[0] = 2 * value
+    return pos + 1 + size
+
+
+cdef Py_ssize_t _mp_value_end(const unsigned char* b, Py_ssize_t pos,
+                              Py_ssize_t n) except -1:
+    cdef unsigned long long remaining = 1, payload, children
+    cdef Py_ssize_t start
+    while remaining:
+        remaining -= 1
+        start = pos
+        pos = _mp_header(b, pos, n, &payload, &children)
+        if payload > <unsigned long long>(n - pos):
+            raise _mp_error('truncated', start)
+        pos += <Py_ssize_t>payload
+        remaining += children
+        if remaining > <unsigned long long>(n - pos):
+            raise _mp_error('truncated', start)
+    return pos
+
+
+cdef int _mp_routing_index(const unsigned char* b, Py_ssize_t pos,
+                           Py_ssize_t end):
+    cdef unsigned char c = b[pos]
+    cdef Py_ssize_t start
+    if 0xa0 <= c <= 0xbf:
+        start = pos + 1
+    elif c == 0xd9:
+        start = pos + 2
+    elif c == 0xda:
+        start = pos + 3
+    elif c == 0xdb:
+        start = pos + 5
+    else:
+        return -1
+    cdef Py_ssize_t size = end - start
+    cdef const char* p = <const char*>b + start
+    if size == 11 and p[:11] == b'destination':
+        return 0
+    if size == 7 and p[:7] == b'pattern':
+        return 1
+    if size == 7 and p[:7] == b'matcher':
+        return 2
+    return -1
+
+
+cdef dict _skim_msgpack(bytes data):
+    cdef const unsigned char* b = <const unsigned char*>PyBytes_AS_STRING(data)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+    cdef Py_ssize_t pos, key_start, start, i
+    cdef unsigned long long payload, children, pair
+    cdef Py_ssize_t spans[3][2]
+    cdef int index
+    for i in range(3):
+        spans[i][0] = -1
+    if n == 0:
+        raise MalformedRequest('body', 'empty body')
+    cdef unsigned char c = b[0]
+    if not (0x80 <= c <= 0x8f or c == 0xde or c == 0xdf):
+        raise MalformedRequest('body', 'expected a msgpack map')
+    pos = _mp_header(b, 0, n, &payload, &children)
+    if children > <unsigned long long>(n - pos):
+        raise _mp_error('truncated', 0)
+    for pair in range(children // 2):
+        key_start = pos
+        pos = _mp_value_end(b, pos, n)
+        index = _mp_routing_index(b, key_start, pos)
+        start = pos
+        pos = _mp_value_end(b, pos, n)
+        if index >= 0:
+            spans[index][0] = start
+            spans[index][1] = pos
+    if pos != n:
+        raise _mp_error('trailing data', pos)
+    return _spans_dict(spans)
+
+
+# -- request shape ---------------------------------------------------------
+
+cpdef object validate(object body):
+    """Check the shape of a decoded request and return it."""
+    if not isinstance(body, dict):
+        raise MalformedRequest(
+            'body', f'expected a map of request fields, got '
+                    f'{type(body).__name__}')
+    for key in <dict>body:
+        if not isinstance(key, str):
+            raise MalformedRequest(
+                'body', f'field names must be strings, got {short(key)}')
+    if 'method' not in body:
+        raise MalformedRequest('method', 'missing')
+    method = body['method']
+    if not isinstance(method, str):
+        raise MalformedRequest(
+            'method', f'expected a string, got {type(method).__name__}')
+    arguments = body.get('arguments')
+    if arguments is not None:
+        if not isinstance(arguments, dict):
+            raise MalformedRequest(
+                'arguments', f'expected a map, got {type(arguments).__name__}')
+        for key in <dict>arguments:
+            if not isinstance(key, str):
+                raise MalformedRequest(
+                    'arguments', f'names must be strings, got {short(key)}')
+    reply_to = body.get('reply_to')
+    if reply_to:
+        if not (isinstance(reply_to, dict) and
+                isinstance(reply_to.get('exchange'), str) and
+                isinstance(reply_to.get('routing_key'), str)):
+            raise MalformedRequest(
+                'reply_to', "expected {'exchange': str, 'routing_key': str}, "
+                            f'got {short(reply_to)}')
+    ticket = body.get('ticket')
+    if ticket is not None and not isinstance(ticket, str):
+        raise MalformedRequest(
+            'ticket', f'expected a string, got {type(ticket).__name__}')
+    return body
+
+
+cdef class Dispatcher:
+    """Per-node decision maker: is this request for us, and what does it ask."""
+
+    cdef public str hostname
+    cdef public object accept
+
+    def __init__(self, str hostname, accept=None):
+        self.hostname = hostname
+        self.accept = None if accept is None else frozenset(accept)
+
+    cpdef bint addressed(self, object destination, object pattern,
+                         object matcher) except -1:
+        """kombu's rule: destination first, then pattern+matcher, else all."""
+        cdef str hostname = self.hostname
+        if destination:
+            try:
+                return hostname in destination
+            except TypeError:
+                raise MalformedRequest(
+                    'destination', f'expected a list of node names, got '
+                                   f'{type(destination).__name__}') from None
+        if pattern and matcher:
+            if type(pattern) is str and type(matcher) is str:
+                registered = _matchers.registry._matchers
+                if matcher == 'glob' and registered.get('glob') is fnmatch:
+                    rx = _glob_cache.get(pattern)
+                    if rx is None:
+                        rx = _compiled(_glob_cache, pattern,
+                                       translate(pattern))
+                    return rx.match(hostname) is not None
+                if matcher == 'pcre' and registered.get('pcre') is _PCRE:
+                    rx = _pcre_cache.get(pattern)
+                    if rx is None:
+                        try:
+                            rx = _compiled(_pcre_cache, pattern, pattern)
+                        except _re_error as exc:
+                            raise MalformedRequest(
+                                'pattern', f'invalid pcre pattern: {exc}'
+                            ) from None
+                    return rx.match(hostname) is not None
+            return generic_match(hostname, pattern, matcher)
+        return True
+
+    cpdef object route(self, object body):
+        """Decide for an already decoded body: the request, or None."""
+        if not isinstance(body, dict):
+            return validate(body)
+        if self.addressed(body.get('destination'), body.get('pattern'),
+                          body.get('matcher')):
+            return validate(body)
+        return None
+
+    cpdef str check_content_type(self, object content_type):
+        """The content type to decode with, or ContentDisallowed."""
+        if content_type is None:
+            content_type = 'application/data'
+        elif not isinstance(content_type, str):
+            raise MalformedRequest(
+                'content_type', f'expected a string, got '
+                                f'{type(content_type).__name__}')
+        accept = self.accept
+        if accept is not None:
+            if content_type not in TRUSTED_CONTENT and \
+                    content_type not in accept:
+                raise ContentDisallowed(
+                    f'Refusing to deserialize untrusted content of type '
+                    f'{content_type}')
+        elif content_type in INSECURE_CONTENT:
+            raise ContentDisallowed(
+                f'Refusing to deserialize insecure content of type '
+                f'{content_type} (name it in accept to allow it)')
+        return content_type
+
+    cpdef object decode(self, object body, object content_type,
+                        object content_encoding, object headers):
+        """Decide for a raw message: the validated request, or None."""
+        cdef str ct = self.check_content_type(content_type)
+        cdef str text
+        cdef bytes data
+        cdef dict spans
+        route = headers.get(ROUTE_HEADER) if headers else None
+        if route is not None:
+            if not (isinstance(route, (list, tuple)) and len(route) == 3):
+                raise MalformedRequest(
+                    ROUTE_HEADER, 'expected [destination, pattern, matcher]')
+            if not self.addressed(route[0], route[1], route[2]):
+                return None
+            if ct == JSON_CT and native_json():
+                body = json_text(body, content_encoding)
+            return validate(load(body, ct))
+        if ct == JSON_CT and native_json():
+            text = json_text(body, content_encoding)
+            spans = _skim_json(text)
+            if not self.addressed(
+                    decode_span(kombu_json_loads, text, spans, 'destination'),
+                    decode_span(kombu_json_loads, text, spans, 'pattern'),
+                    decode_span(kombu_json_loads, text, spans, 'matcher')):
+                return None
+            return validate(load(text, JSON_CT))
+        if ct == MSGPACK_CT and native_msgpack():
+            if not isinstance(body, (bytes, bytearray, memoryview)):
+                raise MalformedRequest(
+                    'body', f'expected bytes for msgpack, got '
+                            f'{type(body).__name__}')
+            data = bytes(body)
+            spans = _skim_msgpack(data)
+            if not self.addressed(
+                    decode_span(MSGPACK_DECODER, data, spans, 'destination'),
+                    decode_span(MSGPACK_DECODER, data, spans, 'pattern'),
+                    decode_span(MSGPACK_DECODER, data, spans, 'matcher')):
+                return None
+            return validate(load(data, MSGPACK_CT))
+        return self.route(load(body, ct))
+
+
+cpdef object execute(object handlers, object state, object method,
+                     object arguments):
+    """Find the handler and run it; errors become kombu's error reply."""
+    try:
+        handler = handlers[method]
+    except KeyError as exc:
+        logger.error('pidbox: no such command: %r', method)
+        return error_reply(exc)
+    try:
+        if arguments:
+            return handler(state, **arguments)
+        return handler(state)
+    except SystemExit:
+        raise
+    except Exception as exc:
+        logger.error('pidbox command error: %r', exc, exc_info=True)
+        return error_reply(exc)
