@@ -11,7 +11,9 @@ from time import monotonic, time
 from kombu import Exchange
 from kombu.clocks import LamportClock
 from kombu.common import maybe_declare, oid_from
-from kombu.exceptions import ContentDisallowed, DecodeError, InconsistencyError
+from kombu.exceptions import InconsistencyError
+from kombu.serialization import prepare_accept_content
+from kombu.transport.virtual import Channel as VirtualChannel
 from kombu.utils.functional import maybe_evaluate
 from kombu.utils.objects import cached_property
 from kombu.utils.uuid import uuid
@@ -20,7 +22,7 @@ import pidbox as _api  # Producer/Consumer/Queue are looked up here: patchable
 
 from .exceptions import ROUTE_HEADER
 from .node import Node
-from .replies import Unclaimed
+from .replies import ReplyRouter, Unclaimed
 
 __all__ = ('Mailbox', 'REPLY_QUEUE_EXPIRES')
 
@@ -101,6 +103,7 @@ class Mailbox:
     def __call__(self, connection):
         bound = copy(self)
         bound.connection = connection
+        bound._reply_routers = {}
         return bound
 
     def Node(self, hostname=None, state=None, channel=None, handlers=None):
@@ -267,65 +270,70 @@ class Mailbox:
             accept = self.accept
         deadline = None if timeout is None else monotonic() + timeout
         chan = channel or self.connection.default_channel
-        queue = self.reply_queue
-        consumer = _api.Consumer(chan, [queue], accept=accept, no_ack=True)
         responses = []
-        unclaimed = self.unclaimed
-        adjust_clock = self.clock.adjust
-
-        for body in unclaimed.pop(ticket, ()):
+        for body in self.unclaimed.pop(ticket, ()):
             if callback:
                 callback(body)
             responses.append(body)
         if limit is not None and len(responses) >= limit:
             return responses
 
-        def on_message(message):
-            headers = message.headers or {}
-            clock = headers.get('clock')
-            adjust_clock(clock if type(clock) is int else 0)
-            expires = headers.get('expires')
-            if expires and isinstance(expires, (int, float)) and \
-                    time() > expires:
-                return
-            this_id = headers.get('ticket', ticket)
-            try:
-                body = message.decode()
-            except (DecodeError, ContentDisallowed) as exc:
-                if this_id == ticket:
-                    raise  # the caller asked, and is told (as kombu does)
-                logger.warning('pidbox: dropped reply for ticket %s: %r',
-                               this_id, exc)
-                return
-            if this_id == ticket:
-                if callback:
-                    callback(body)
-                responses.append(body)
-            else:
-                try:
-                    unclaimed.add(this_id, body)
-                except TypeError:  # an unhashable ticket from a stranger
-                    logger.warning('pidbox: dropped reply with ticket %r',
-                                   this_id)
-
-        consumer.on_message = on_message
+        keep = not isinstance(chan, VirtualChannel)
+        router = self._reply_router(chan, keep)
+        collected = router.expect(ticket, prepare_accept_content(accept),
+                                  callback)
+        collected.extend(responses)
         drain_events = self.connection.drain_events
         try:
-            with consumer:
-                while limit is None or len(responses) < limit:
-                    if deadline is None:
-                        remaining = None
-                    else:
-                        remaining = deadline - monotonic()
-                        if remaining <= 0:
-                            break
-                    try:
-                        drain_events(timeout=remaining)
-                    except socket.timeout:
+            if router.consumer is None:
+                router.consumer = self._reply_consumer(chan, router)
+            while limit is None or len(collected) < limit:
+                if deadline is None:
+                    remaining = None
+                else:
+                    remaining = deadline - monotonic()
+                    if remaining <= 0:
                         break
-                return responses
+                try:
+                    drain_events(timeout=remaining)
+                except socket.timeout:
+                    break
+            return collected
         finally:
-            chan.after_reply_message_received(queue.name)
+            router.done()
+            if not keep:
+                self._close_reply_consumer(chan, router)
+
+    def _reply_router(self, chan, keep):
+        """The reply router for ``chan``: kept across calls when ``keep``."""
+        if not keep:
+            return ReplyRouter(self.unclaimed, self.clock)
+        routers = self.__dict__.get('_reply_routers')
+        if routers is None:
+            routers = self._reply_routers = {}
+        key = (id(chan), self.oid)
+        router = routers.get(key)
+        if router is None or router.channel is not chan:
+            for stale in [k for k, r in routers.items()
+                          if not getattr(r.channel, 'is_open', True)]:
+                del routers[stale]
+            router = routers[key] = ReplyRouter(self.unclaimed, self.clock)
+            router.channel = chan
+        return router
+
+    def _reply_consumer(self, chan, router):
+        consumer = _api.Consumer(chan, [self.reply_queue], no_ack=True,
+                                 accept=None, on_message=router.on_message)
+        consumer.consume()
+        return consumer
+
+    def _close_reply_consumer(self, chan, router):
+        consumer, router.consumer = router.consumer, None
+        try:
+            if consumer is not None:
+                consumer.cancel()
+        finally:
+            chan.after_reply_message_received(self.reply_queue.name)
 
     def _get_exchange(self, namespace, type):
         return Exchange(self.exchange_fmt % namespace,

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict, deque
-from time import monotonic
+from time import monotonic, time
 
-__all__ = ('Unclaimed',)
+from kombu.exceptions import ContentDisallowed, DecodeError
+
+__all__ = ('Unclaimed', 'ReplyRouter')
+
+logger = logging.getLogger(__name__)
 
 
 class Unclaimed:
@@ -75,3 +80,63 @@ class Unclaimed:
     def reply_count(self) -> int:
         """How many replies are held, over all tickets."""
         return self._count
+
+
+class ReplyRouter:
+    """Hands each reply on a reply queue to the call waiting for its ticket.
+
+    Replies for any other ticket go to :class:`Unclaimed`.  One router serves
+    one reply consumer, which pidbox keeps open across calls on brokers where
+    opening and cancelling a consumer costs round trips (AMQP).
+    """
+
+    def __init__(self, unclaimed: Unclaimed, clock) -> None:
+        self.unclaimed = unclaimed
+        self.adjust_clock = clock.adjust
+        self.consumer = None
+        self.channel = None
+        self.accept = None
+        self.ticket = None
+        self.responses: list = []
+        self.callback = None
+
+    def expect(self, ticket, accept, callback=None) -> list:
+        """Start waiting for ``ticket``; returns the list replies go to."""
+        self.ticket = ticket
+        self.accept = accept
+        self.callback = callback
+        self.responses = []
+        return self.responses
+
+    def done(self) -> None:
+        self.ticket = self.callback = None
+        self.responses = []
+
+    def on_message(self, message) -> None:
+        headers = message.headers or {}
+        clock = headers.get('clock')
+        self.adjust_clock(clock if type(clock) is int else 0)
+        expires = headers.get('expires')
+        if expires and isinstance(expires, (int, float)) and \
+                time() > expires:
+            return
+        ticket = self.ticket
+        this_id = headers.get('ticket', ticket)
+        message.accept = self.accept
+        try:
+            body = message.decode()
+        except (DecodeError, ContentDisallowed) as exc:
+            if ticket is not None and this_id == ticket:
+                raise  # the caller asked, and is told (as kombu does)
+            logger.warning('pidbox: dropped reply for ticket %s: %r',
+                           this_id, exc)
+            return
+        if ticket is not None and this_id == ticket:
+            if self.callback:
+                self.callback(body)
+            self.responses.append(body)
+            return
+        try:
+            self.unclaimed.add(this_id, body)
+        except TypeError:  # an unhashable ticket from a stranger
+            logger.warning('pidbox: dropped reply with ticket %r', this_id)
