@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import threading
 from contextlib import contextmanager
 from copy import copy
 from time import monotonic, time
+from uuid import NAMESPACE_OID, uuid3, uuid5
 
 from kombu import Exchange
 from kombu.clocks import LamportClock
-from kombu.common import maybe_declare, oid_from
+from kombu.common import get_node_id, maybe_declare
 from kombu.exceptions import InconsistencyError
 from kombu.serialization import prepare_accept_content
 from kombu.transport.virtual import Channel as VirtualChannel
@@ -93,6 +96,9 @@ class Mailbox:
         self.reply_queue_ttl = reply_queue_ttl
         self.reply_queue_expires = reply_queue_expires
         self._producer_pool = producer_pool
+        #: the mailbox that bound copies were made from (shared state).
+        self._root = self
+        self._reply_routers = {}
         if queue_exclusive and queue_durable:
             raise ValueError(
                 'queue_exclusive and queue_durable cannot both be True '
@@ -103,7 +109,8 @@ class Mailbox:
     def __call__(self, connection):
         bound = copy(self)
         bound.connection = connection
-        bound._reply_routers = {}
+        # a reply queue cached on the original is named for its connection
+        bound.__dict__.pop('reply_queue', None)
         return bound
 
     def Node(self, hostname=None, state=None, channel=None, handlers=None):
@@ -286,7 +293,7 @@ class Mailbox:
         drain_events = self.connection.drain_events
         try:
             if router.consumer is None:
-                router.consumer = self._reply_consumer(chan, router)
+                router.consumer = self._reply_consumer(chan, router, keep)
             while limit is None or len(collected) < limit:
                 if deadline is None:
                     remaining = None
@@ -308,9 +315,7 @@ class Mailbox:
         """The reply router for ``chan``: kept across calls when ``keep``."""
         if not keep:
             return ReplyRouter(self.unclaimed, self.clock)
-        routers = self.__dict__.get('_reply_routers')
-        if routers is None:
-            routers = self._reply_routers = {}
+        routers = self._reply_routers
         key = (id(chan), self.oid)
         router = routers.get(key)
         if router is None or router.channel is not chan:
@@ -321,9 +326,12 @@ class Mailbox:
             router.channel = chan
         return router
 
-    def _reply_consumer(self, chan, router):
+    def _reply_consumer(self, chan, router, declare):
+        # On virtual transports _publish declared the queue a moment ago
+        # and declaring costs a round trip (Redis): consume without it.
         consumer = _api.Consumer(chan, [self.reply_queue], no_ack=True,
-                                 accept=None, on_message=router.on_message)
+                                 accept=None, on_message=router.on_message,
+                                 auto_declare=declare)
         consumer.consume()
         return consumer
 
@@ -349,11 +357,28 @@ class Mailbox:
 
     @property
     def oid(self):
-        return oid_from(self)
+        """Routing key of this caller's reply queue.
+
+        Distinct per process, thread, mailbox and connection, like kombu's;
+        unlike kombu's, the bound copies of one mailbox on one connection
+        share it, so Celery's copy-per-broadcast reuses one reply queue (and
+        one open reply consumer) instead of leaving one behind per call.
+        """
+        return _oid(self._root, self.connection)
 
     @cached_property
     def producer_pool(self):
         return maybe_evaluate(self._producer_pool)
+
+
+def _oid(root, connection):
+    entity = '{:x}-{:x}-{:x}-{:x}-{:x}'.format(
+        get_node_id(), os.getpid(), threading.get_ident(), id(root),
+        id(connection))
+    try:
+        return str(uuid3(NAMESPACE_OID, entity))
+    except ValueError:  # md5 disabled (FIPS)
+        return str(uuid5(NAMESPACE_OID, entity))
 
 
 def _alias(name, value, alias, alias_value, default):

@@ -6,7 +6,9 @@ import logging
 import warnings
 from time import time
 
-from kombu.exceptions import ContentDisallowed, DecodeError, InconsistencyError
+from kombu.exceptions import (
+    ContentDisallowed, DecodeError, EncodeError, InconsistencyError,
+)
 from kombu.serialization import prepare_accept_content
 from kombu.utils.functional import reprcall
 
@@ -142,10 +144,7 @@ class Node:
             reply = error_reply(exc)
 
         if reply_to:
-            self.reply({self.hostname: reply},
-                       exchange=reply_to['exchange'],
-                       routing_key=reply_to['routing_key'],
-                       ticket=ticket)
+            self._send_reply(reply, reply_to, ticket)
         return reply
 
     def handle(self, method, arguments=None):
@@ -238,10 +237,7 @@ class Node:
             reply = self.dispatch_core.execute(
                 self.handlers, self.state, method, arguments)
             if reply_to:
-                self.reply({self.hostname: reply},
-                           exchange=reply_to['exchange'],
-                           routing_key=reply_to['routing_key'],
-                           ticket=ticket)
+                self._send_reply(reply, reply_to, ticket)
             return reply
         return self.dispatch(
             method, arguments, reply_to, ticket,
@@ -259,6 +255,17 @@ class Node:
             return False
         instance = self.__dict__
         return not any(name in instance for name in _DISPATCH_METHODS)
+
+    def _send_reply(self, reply, reply_to, ticket):
+        exchange, routing_key = reply_to['exchange'], reply_to['routing_key']
+        try:
+            self.reply({self.hostname: reply}, exchange=exchange,
+                       routing_key=routing_key, ticket=ticket)
+        except EncodeError as exc:
+            logger.error('pidbox: cannot serialize the reply for ticket %s: '
+                         '%r', ticket, exc)
+            self.reply({self.hostname: error_reply(exc)}, exchange=exchange,
+                       routing_key=routing_key, ticket=ticket)
 
     def reply(self, data, exchange, routing_key, ticket, **kwargs):
         self.mailbox._publish_reply(data, exchange, routing_key, ticket,
