@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections import OrderedDict, deque
 from time import monotonic, time
 
@@ -20,6 +21,7 @@ class Unclaimed:
     shares a reply queue grows without limit.  Here the oldest tickets are
     dropped once more than ``max_replies`` replies are held, and a ticket's
     replies are dropped ``max_age`` seconds after the first one arrived.
+    Shared by every bound copy of a mailbox, in every thread: thread-safe.
     """
 
     def __init__(self, max_replies: int = 10_000, max_age: float = 60.0):
@@ -27,14 +29,16 @@ class Unclaimed:
         self.max_age = max_age
         self._tickets: OrderedDict = OrderedDict()   # ticket -> (born, deque)
         self._count = 0
+        self._lock = threading.Lock()
 
     def add(self, ticket, reply) -> None:
-        entry = self._tickets.get(ticket)
-        if entry is None:
-            entry = self._tickets[ticket] = (monotonic(), deque())
-        entry[1].append(reply)
-        self._count += 1
-        self._evict()
+        with self._lock:
+            entry = self._tickets.get(ticket)
+            if entry is None:
+                entry = self._tickets[ticket] = (monotonic(), deque())
+            entry[1].append(reply)
+            self._count += 1
+            self._evict()
 
     def _evict(self) -> None:
         tickets = self._tickets
@@ -47,21 +51,23 @@ class Unclaimed:
             self._count = max(0, self._count - len(replies))
 
     def __getitem__(self, ticket) -> deque:
-        entry = self._tickets.get(ticket)
-        if entry is None:
-            entry = self._tickets[ticket] = (monotonic(), deque())
-        return entry[1]
+        with self._lock:
+            entry = self._tickets.get(ticket)
+            if entry is None:
+                entry = self._tickets[ticket] = (monotonic(), deque())
+            return entry[1]
 
     def pop(self, ticket, *default):
-        self._evict()
-        try:
-            _, replies = self._tickets.pop(ticket)
-        except KeyError:
-            if default:
-                return default[0]
-            raise
-        self._count = max(0, self._count - len(replies))
-        return replies
+        with self._lock:
+            self._evict()
+            try:
+                _, replies = self._tickets.pop(ticket)
+            except KeyError:
+                if default:
+                    return default[0]
+                raise
+            self._count = max(0, self._count - len(replies))
+            return replies
 
     def __contains__(self, ticket) -> bool:
         return ticket in self._tickets
@@ -73,8 +79,9 @@ class Unclaimed:
         return iter(self._tickets)
 
     def clear(self) -> None:
-        self._tickets.clear()
-        self._count = 0
+        with self._lock:
+            self._tickets.clear()
+            self._count = 0
 
     @property
     def reply_count(self) -> int:
