@@ -1,0 +1,248 @@
+"""pidbox's own node and client behaviour, beyond what kombu promises."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import pytest
+from kombu import Connection, Producer
+from kombu.exceptions import EncodeError
+
+import pidbox
+from pidbox.exceptions import ROUTE_HEADER
+from pidbox.replies import Unclaimed
+
+pytestmark = pytest.mark.usefixtures('core')
+
+
+def serve(conn, seconds=0.5):
+    """Drain events for a while (nodes and callers share one connection)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            conn.drain_events(timeout=0.02)
+        except OSError:
+            pass
+
+
+@pytest.fixture
+def bound(memory_connection):
+    return pidbox.Mailbox('behaviour', type='fanout')(memory_connection)
+
+
+def make_node(bound, hostname, **handlers):
+    conn = bound.connection
+    node = bound.Node(hostname, state={'name': hostname},
+                      channel=conn.channel(), handlers=dict(handlers))
+    node.listen()
+    return node
+
+
+def publish_raw(bound, body, headers=None, content_type='application/json',
+                content_encoding='utf-8'):
+    producer = Producer(bound.connection.default_channel)
+    bound.exchange(producer.channel).declare()
+    producer.publish(body, exchange=bound.exchange.name, routing_key='',
+                     content_type=content_type,
+                     content_encoding=content_encoding,
+                     headers=headers or {})
+
+
+def test_dispatch_core_is_the_one_under_test(core, bound):
+    node = bound.Node('a')
+    assert type(node.get_dispatcher()) is core.Dispatcher
+
+
+def test_route_header_decides_over_the_body(bound):
+    seen = []
+    make_node(bound, 'a', ping=lambda state: seen.append('a'))
+    make_node(bound, 'b', ping=lambda state: seen.append('b'))
+    body = b'{"method": "ping", "arguments": {}, "destination": ["a"]}'
+    publish_raw(bound, body, headers={ROUTE_HEADER: [['b'], '', '']})
+    serve(bound.connection, 0.3)
+    assert seen == ['b']
+
+
+def test_expired_request_is_dropped_with_a_debug_line(bound, caplog):
+    seen = []
+    make_node(bound, 'a', ping=lambda state: seen.append(1))
+    body = b'{"method": "ping", "arguments": {}}'
+    with caplog.at_level(logging.DEBUG, logger='pidbox'):
+        publish_raw(bound, body, headers={'expires': time.time() - 5})
+        publish_raw(bound, body, headers={'expires': time.time() + 60})
+        serve(bound.connection, 0.3)
+    assert seen == [1]
+    assert any('expired' in r.getMessage() for r in caplog.records)
+
+
+def test_bad_expires_and_clock_headers_do_not_stop_the_node(bound, caplog):
+    seen = []
+    make_node(bound, 'a', ping=lambda state: seen.append(1))
+    body = b'{"method": "ping", "arguments": {}}'
+    with caplog.at_level(logging.ERROR, logger='pidbox'):
+        publish_raw(bound, body, headers={'expires': 'soon', 'clock': 'x'})
+        publish_raw(bound, body, headers={'clock': 'not-a-clock'})
+        serve(bound.connection, 0.3)
+    assert seen == [1]
+    assert [r for r in caplog.records if "'expires'" in r.getMessage()
+            or 'expires:' in r.getMessage()]
+
+
+def test_malformed_requests_are_logged_and_the_node_keeps_serving(
+        bound, caplog):
+    make_node(bound, 'a', ping=lambda state: 'pong')
+    bad = [
+        (b'[1, 2]', 'body'),
+        (b'{"arguments": {}}', 'method'),
+        (b'{"method": 7}', 'method'),
+        (b'{"method": "ping", "arguments": [1]}', 'arguments'),
+        (b'{"method": "ping", "reply_to": "nowhere"}', 'reply_to'),
+        (b'{"method": "ping", "destination": 5}', 'destination'),
+        (b'{"method": "ping", "pattern": "a", "matcher": "nope"}', 'matcher'),
+        (b'\xff\xfe', 'body'),
+    ]
+    with caplog.at_level(logging.ERROR):
+        for body, _ in bad:
+            publish_raw(bound, body)
+        replies = bound.call(['a'], 'ping', timeout=2)
+    assert replies == [{'a': 'pong'}]
+    messages = [r.getMessage() for r in caplog.records]
+    for body, field in bad:
+        assert any(f'{field}:' in m for m in messages), (body, messages)
+
+
+def test_handle_message_rejects_malformed_bodies_without_raising(bound,
+                                                                 caplog):
+    node = bound.Node('a', handlers={'ping': lambda state: 'pong'})
+    with caplog.at_level(logging.ERROR, logger='pidbox'):
+        assert node.handle_message(['not', 'a', 'dict']) is None
+        assert node.handle_message({'arguments': {}}) is None
+        assert node.handle_message({'method': 'ping'}) == 'pong'
+    assert len(caplog.records) == 2
+
+
+def test_unserializable_result_becomes_an_error_reply(bound, caplog):
+    make_node(bound, 'a', odd=lambda state: object())
+    with caplog.at_level(logging.ERROR, logger='pidbox'):
+        replies = bound.call(['a'], 'odd', timeout=2)
+    assert len(replies) == 1
+    assert 'EncodeError' in replies[0]['a']['error']
+    assert any('cannot serialize' in r.getMessage() for r in caplog.records)
+
+
+def test_overridden_dispatch_is_used_on_the_raw_path(bound):
+    calls = []
+
+    class AuditedNode(pidbox.Node):
+        def handle(self, method, arguments=None):
+            calls.append((method, arguments))
+            return super().handle(method, arguments)
+
+    bound.node_cls = AuditedNode
+    node = bound.Node('a', channel=bound.connection.channel(),
+                      handlers={'add': lambda state, x, y: x + y})
+    node.listen()
+    assert bound.call(['a'], 'add', {'x': 1, 'y': 2}, timeout=2) == [{'a': 3}]
+    assert calls == [('add', {'x': 1, 'y': 2})]
+
+
+def test_unknown_command_gets_kombus_error_reply_and_one_log_line(
+        bound, caplog):
+    make_node(bound, 'a')
+    with caplog.at_level(logging.ERROR, logger='pidbox'):
+        replies = bound.call(['a'], 'missing', timeout=2)
+    assert replies == [{'a': {'error': "KeyError('missing')"}}]
+    assert [r.getMessage() for r in caplog.records] == [
+        "pidbox: no such command: 'missing'"]
+
+
+def test_bound_copies_share_a_reply_queue_per_connection():
+    mailbox = pidbox.Mailbox('oid')
+    c1, c2 = Connection('memory://'), Connection('memory://')
+    assert mailbox(c1).oid == mailbox(c1).oid
+    assert mailbox(c1).oid != mailbox(c2).oid
+    assert mailbox(c1).oid != pidbox.Mailbox('oid')(c1).oid
+    other_thread = []
+    t = threading.Thread(target=lambda: other_thread.append(mailbox(c1).oid))
+    t.start()
+    t.join()
+    assert other_thread[0] != mailbox(c1).oid
+
+
+def test_copy_does_not_inherit_a_reply_queue_named_for_another_connection():
+    mailbox = pidbox.Mailbox('oid')
+    assert mailbox.reply_queue.routing_key == mailbox.oid
+    bound = mailbox(Connection('memory://'))
+    assert bound.reply_queue.routing_key == bound.oid != mailbox.oid
+
+
+def test_call_deadline_is_total_despite_foreign_replies(bound):
+    # a node that answers slowly, and a stream of replies for other tickets
+    make_node(bound, 'a')
+    stop = threading.Event()
+    started = time.monotonic()
+    producer_conn = Connection('memory://')
+    oid = bound.oid   # the caller's, computed in the caller's thread
+    flooded = []
+
+    def flood():
+        flooder = pidbox.Mailbox('behaviour', type='fanout')(producer_conn)
+        while not stop.is_set():
+            flooder._publish_reply({'x': 1}, bound.reply_exchange.name,
+                                   oid, f'someone-else-{len(flooded)}')
+            flooded.append(1)
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=flood)
+    thread.start()
+    try:
+        assert bound.multi_call('ping', timeout=0.5) == [
+            {'a': {'error': "KeyError('ping')"}}]
+    finally:
+        stop.set()
+        thread.join()
+    elapsed = time.monotonic() - started
+    assert elapsed < 3.0  # kombu's idle-gap timeout would never end here
+    assert len(flooded) > 20
+    assert 0 < bound.unclaimed.reply_count <= bound.unclaimed.max_replies
+
+
+def test_unclaimed_is_bounded_by_count_and_age(monkeypatch):
+    unclaimed = Unclaimed(max_replies=3, max_age=10)
+    for i in range(5):
+        unclaimed.add(f't{i}', i)
+    assert list(unclaimed) == ['t2', 't3', 't4']
+    assert unclaimed.reply_count == 3
+    now = time.monotonic()
+    monkeypatch.setattr('pidbox.replies.monotonic', lambda: now + 60)
+    unclaimed.add('fresh', 'x')
+    assert list(unclaimed) == ['fresh']
+    assert list(unclaimed.pop('fresh')) == ['x']
+    with pytest.raises(KeyError):
+        unclaimed.pop('t4')
+
+
+def test_collect_returns_unclaimed_then_waits_for_the_rest(bound):
+    make_node(bound, 'a', ping=lambda state: 'pong')
+    bound.unclaimed.add('ticket-1', {'z': 'early'})
+    got = []
+    replies = bound._collect('ticket-1', limit=1, timeout=1, callback=got.append)
+    assert replies == [{'z': 'early'}] == got
+
+
+def test_encode_error_from_a_patched_reply_path_is_contained(bound):
+    node = bound.Node('a', handlers={'ping': lambda state: 'pong'})
+    sent = []
+
+    def reply(data, exchange, routing_key, ticket, **kwargs):
+        if not sent:
+            sent.append('failed')
+            raise EncodeError('cannot encode')
+        sent.append(data)
+
+    node.reply = reply
+    node.dispatch('ping', reply_to={'exchange': 'x', 'routing_key': 'y'},
+                  ticket='t')
+    assert sent == ['failed', {'a': {'error': "EncodeError('cannot encode')"}}]
