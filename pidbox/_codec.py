@@ -15,6 +15,7 @@ from .exceptions import MalformedRequest
 
 __all__ = (
     'JSON_CT', 'MSGPACK_CT', 'MSGPACK_DECODER', 'short', 'error_reply',
+    'call_handler',
     'load', 'json_text', 'decode_span', 'generic_match', 'native_json',
     'native_msgpack',
 )
@@ -43,6 +44,16 @@ def short(value) -> str:
     return text if len(text) <= 64 else text[:61] + '...'
 
 
+def call_handler(handler, state, arguments):
+    """``handler(state, **arguments)`` spelt by CPython.
+
+    The compiled core calls this for arguments that are not a plain dict, so
+    a non-mapping fails with CPython's TypeError (as in the pure twin) instead
+    of being converted by Cython's ``dict(arguments)``.
+    """
+    return handler(state, **arguments)
+
+
 def error_reply(exc: BaseException) -> dict:
     """The reply kombu sends when a handler raised."""
     return {'error': repr(exc)}
@@ -56,27 +67,32 @@ def load(body, content_type: str):
             'content_type', f'no decoder registered for {content_type!r}')
     try:
         return decoder(body)
+    except RecursionError:
+        # where the limit cuts in depends on the caller's stack (and so on
+        # the core): say so without naming the container it hit
+        raise MalformedRequest(
+            'body', f'cannot decode {content_type}: nested too deeply'
+        ) from None
     except Exception as exc:
         raise MalformedRequest(
             'body', f'cannot decode {content_type}: {exc!r}') from None
 
 
 def json_text(body, content_encoding) -> str:
-    """The JSON text of a body, decoded with its content encoding."""
+    """The JSON text of a body, read as kombu's JSON decoder reads it.
+
+    kombu decodes bytes as UTF-8 whatever ``content_encoding`` says, so a
+    node runs exactly what a kombu node would run; the argument is kept for
+    the callers' sake.
+    """
     if isinstance(body, str):
-        return body
-    encoding = content_encoding or 'utf-8'
-    if encoding == 'binary' or encoding == 'ascii-8bit':
-        encoding = 'utf-8'
+        # an exact str: the compiled core types its text as one
+        return body if type(body) is str else str.__str__(body)
     try:
-        return str(body, encoding)
-    except LookupError:
-        raise MalformedRequest(
-            'content_encoding', f'unknown encoding {short(encoding)}'
-        ) from None
+        return str(body, 'utf-8')
     except (UnicodeDecodeError, TypeError) as exc:
         raise MalformedRequest(
-            'body', f'cannot decode text as {encoding}: {exc}') from None
+            'body', f'cannot decode text as utf-8: {exc}') from None
 
 
 def decode_span(loads, data, spans: dict, key: str):
@@ -86,6 +102,9 @@ def decode_span(loads, data, spans: dict, key: str):
         return None
     try:
         return loads(data[span[0]:span[1]])
+    except RecursionError:
+        raise MalformedRequest(key, 'cannot decode value: nested too deeply'
+                               ) from None
     except Exception as exc:
         raise MalformedRequest(key, f'cannot decode value: {exc!r}') from None
 

@@ -35,10 +35,10 @@ from ._codec import (
 )
 from .exceptions import (
     INSECURE_CONTENT, ROUTE_HEADER, TRUSTED_CONTENT, ContentDisallowed,
-    MalformedRequest,
+    DecodeError, MalformedRequest,
 )
 
-__all__ = ('Dispatcher', 'validate', 'execute')
+__all__ = ('Dispatcher', 'RawHandler', 'validate', 'execute', 'run')
 
 logger = logging.getLogger('pidbox.dispatch')
 
@@ -263,7 +263,7 @@ def validate(body):
         raise MalformedRequest(
             'body', f'expected a map of request fields, got '
                     f'{type(body).__name__}')
-    for key in body:
+    for key in dict.keys(body):  # the stored keys, as the compiled core
         if not isinstance(key, str):
             raise MalformedRequest(
                 'body', f'field names must be strings, got {short(key)}')
@@ -278,7 +278,7 @@ def validate(body):
         if not isinstance(arguments, dict):
             raise MalformedRequest(
                 'arguments', f'expected a map, got {type(arguments).__name__}')
-        for key in arguments:
+        for key in dict.keys(arguments):
             if not isinstance(key, str):
                 raise MalformedRequest(
                     'arguments', f'names must be strings, got {short(key)}')
@@ -301,6 +301,10 @@ class Dispatcher:
     """Per-node decision maker: is this request for us, and what does it ask."""
 
     def __init__(self, hostname: str, accept=None) -> None:
+        if hostname is not None and type(hostname) is not str:
+            raise TypeError(  # as the compiled core's typed argument does
+                f"Argument 'hostname' has incorrect type (expected str, "
+                f"got {type(hostname).__name__})")
         self.hostname = hostname
         #: set of accepted content types, or None for all but the insecure.
         self.accept = None if accept is None else frozenset(accept)
@@ -354,6 +358,8 @@ class Dispatcher:
             raise MalformedRequest(
                 'content_type', f'expected a string, got '
                                 f'{type(content_type).__name__}')
+        elif type(content_type) is not str:
+            content_type = str.__str__(content_type)  # an exact str
         accept = self.accept
         if accept is not None:
             if content_type not in TRUSTED_CONTENT and \
@@ -421,3 +427,95 @@ def execute(handlers, state, method, arguments):
     except Exception as exc:
         logger.error('pidbox command error: %r', exc, exc_info=True)
         return error_reply(exc)
+
+
+_node_logger = logging.getLogger('pidbox.node')
+
+
+def run(node, request):
+    """Run a validated request the way ``Node.dispatch`` would, and reply.
+
+    Only for nodes whose dispatch methods are kombu's (see
+    ``Node._has_default_dispatch``); others go through ``Node.dispatch``.
+    """
+    method = request['method']
+    arguments = request.get('arguments')
+    reply_to = request.get('reply_to')
+    if _node_logger.isEnabledFor(logging.DEBUG):
+        node._log_received(method, arguments, reply_to, request.get('ticket'))
+    reply = execute(node.handlers, node.state, method, arguments)
+    if reply_to:
+        node._send_reply(reply, reply_to, request.get('ticket'))
+    return reply
+
+
+class RawHandler:
+    """A node's callback for raw kombu messages: decide first, then run.
+
+    Adjusts the node's clock from the header, asks the dispatcher whether the
+    message is for this node, hands decode errors to the consumer's (or the
+    node's) ``on_decode_error``, drops expired requests and runs the rest.
+    Nothing raises out of it into the consumer.
+    """
+
+    __slots__ = ('node', 'dispatcher', 'consumer', 'fast', 'callbacks',
+                 'callback')
+
+    def __init__(self, node, dispatcher, consumer=None):
+        self.node = node
+        self.dispatcher = dispatcher
+        self.consumer = consumer
+        self.fast = node._has_default_dispatch()
+        # the consumer's callback list as listen() made it: while it stays
+        # so, skip kombu's decode; once someone changes it, honour it
+        self.callbacks = None if consumer is None else consumer.callbacks
+        self.callback = None if consumer is None else self.callbacks[0]
+
+    def __call__(self, message):
+        consumer = self.consumer
+        if consumer is not None:
+            callbacks = consumer.callbacks
+            if callbacks is not self.callbacks or len(callbacks) != 1 or \
+                    callbacks[0] is not self.callback:
+                return self.receive_decoded(message)
+        node = self.node
+        headers = message.headers
+        clock = headers.get('clock') if headers else None
+        if type(clock) is not int:
+            if clock:
+                _node_logger.debug(
+                    'pidbox: ignoring clock header %r: not an integer', clock)
+            clock = 0
+        node.adjust_clock(clock)
+        try:
+            request = self.dispatcher.decode(
+                message.body, message.content_type, message.content_encoding,
+                headers)
+        except (DecodeError, ContentDisallowed) as exc:
+            self.decode_error(message, exc)
+            return None
+        except Exception as exc:
+            _node_logger.error('pidbox: cannot route message: %r', exc,
+                               exc_info=True)
+            return None
+        if request is None:
+            return None
+        if headers and headers.get('expires') and node._expired(headers):
+            return None
+        if self.fast:
+            return run(node, request)
+        return node._run(request)
+
+    def decode_error(self, message, exc):
+        on_error = getattr(self.consumer, 'on_decode_error', None)
+        (on_error or self.node.on_decode_error)(message, exc)
+
+    def receive_decoded(self, message):
+        """kombu's way, for a consumer whose callbacks were changed."""
+        try:
+            body = message.decode()
+        except Exception as exc:
+            self.decode_error(message, exc)
+            return None
+        self.consumer.receive(body, message)
+        return None

@@ -7,7 +7,7 @@ import warnings
 from time import time
 
 from kombu.exceptions import (
-    ContentDisallowed, DecodeError, EncodeError, InconsistencyError,
+    DecodeError, EncodeError, InconsistencyError,
 )
 from kombu.serialization import prepare_accept_content
 from kombu.utils.functional import reprcall
@@ -63,6 +63,10 @@ class Node:
     #: the dispatch core module (compiled or pure) this node decides with.
     dispatch_core = _core.core
 
+    #: seconds a request may be past its ``expires`` header and still run
+    #: (for clocks that disagree between callers and nodes).
+    expiry_grace = 0.0
+
     def __init__(self, hostname, state=None, channel=None,
                  handlers=None, mailbox=None):
         self.channel = channel
@@ -74,6 +78,7 @@ class Node:
             handlers = {}
         self.handlers = handlers
         self._dispatcher = None
+        self._raw_handler = None
 
     def Consumer(self, channel=None, no_ack=True, accept=None, **options):
         queue = self.mailbox.get_queue(self.hostname)
@@ -117,13 +122,12 @@ class Node:
         consumer = self.Consumer(channel=channel,
                                  callbacks=[callback or self.handle_message],
                                  on_decode_error=self.on_decode_error)
-        if callback is None and \
+        if callback is None and 'handle_message' not in self.__dict__ and \
                 type(self).handle_message is Node.handle_message:
             dispatcher = self.dispatch_core.Dispatcher(
                 self.hostname, consumer.accept)
-            consumer.on_message = (
-                lambda message: self.handle_raw_message(
-                    message, consumer.on_decode_error, dispatcher))
+            consumer.on_message = self.dispatch_core.RawHandler(
+                self, dispatcher, consumer)
         consumer.consume()
         return consumer
 
@@ -131,9 +135,7 @@ class Node:
                  reply_to=None, ticket=None, **kwargs):
         arguments = arguments or {}
         if logger.isEnabledFor(logging.DEBUG):
-            logger.debug('pidbox received method %s [reply_to:%s ticket:%s]',
-                         reprcall(method, (), kwargs=arguments), reply_to,
-                         ticket)
+            self._log_received(method, arguments, reply_to, ticket)
         handle = reply_to and self.handle_call or self.handle_cast
         try:
             reply = handle(method, arguments)
@@ -184,36 +186,25 @@ class Node:
         return self._run(request)
     dispatch_from_message = handle_message
 
-    def handle_raw_message(self, message, on_decode_error=None,
-                           dispatcher=None):
+    def handle_raw_message(self, message):
         """Decide on and run one raw :class:`kombu.Message` (no decode first).
 
         Undecodable bodies, refused content types and malformed requests go
-        to ``on_decode_error`` (the node's by default); nothing raises out.
+        to :meth:`on_decode_error`; nothing raises out.
         """
-        headers = message.headers
-        self.adjust_clock(_as_clock(headers.get('clock') if headers else None))
-        try:
-            request = (dispatcher or self.get_dispatcher()).decode(
-                message.body, message.content_type, message.content_encoding,
-                headers)
-        except (DecodeError, ContentDisallowed) as exc:
-            (on_decode_error or self.on_decode_error)(message, exc)
-            return None
-        except Exception as exc:
-            logger.error('pidbox: cannot route message: %r', exc,
-                         exc_info=True)
-            return None
-        if request is None or self._expired(headers):
-            return None
-        return self._run(request)
+        handler = self._raw_handler
+        dispatcher = self.get_dispatcher()
+        if handler is None or handler.dispatcher is not dispatcher:
+            handler = self._raw_handler = self.dispatch_core.RawHandler(
+                self, dispatcher)
+        return handler(message)
 
     def _expired(self, headers) -> bool:
         expires = headers.get('expires') if headers else None
         if not expires:
             return False
         try:
-            expired = time() > expires
+            expired = time() > expires + self.expiry_grace
         except TypeError:
             logger.error('pidbox: rejected request: %s', MalformedRequest(
                 'expires', f'expected a number, got {type(expires).__name__}'))
@@ -224,25 +215,18 @@ class Node:
         return expired
 
     def _run(self, request):
-        method = request['method']
-        arguments = request.get('arguments')
-        reply_to = request.get('reply_to')
-        ticket = request.get('ticket')
         if self._has_default_dispatch():
-            if logger.isEnabledFor(logging.DEBUG):
-                logger.debug(
-                    'pidbox received method %s [reply_to:%s ticket:%s]',
-                    reprcall(method, (), kwargs=arguments or {}), reply_to,
-                    ticket)
-            reply = self.dispatch_core.execute(
-                self.handlers, self.state, method, arguments)
-            if reply_to:
-                self._send_reply(reply, reply_to, ticket)
-            return reply
+            return self.dispatch_core.run(self, request)
         return self.dispatch(
-            method, arguments, reply_to, ticket,
+            request['method'], request.get('arguments'),
+            request.get('reply_to'), request.get('ticket'),
             destination=request.get('destination'),
             pattern=request.get('pattern'), matcher=request.get('matcher'))
+
+    def _log_received(self, method, arguments, reply_to, ticket):
+        logger.debug('pidbox received method %s [reply_to:%s ticket:%s]',
+                     reprcall(method, (), kwargs=arguments or {}), reply_to,
+                     ticket)
 
     def _has_default_dispatch(self) -> bool:
         cls = type(self)

@@ -14,28 +14,33 @@ import re
 from fnmatch import fnmatch, translate
 
 from kombu import matcher as _matchers
+from kombu.serialization import registry as _kombu_serializers
 
 from pidbox._codec import (
-    JSON_CT, MSGPACK_CT, MSGPACK_DECODER, decode_span, error_reply,
-    generic_match, json_text, kombu_json_loads, load, native_json,
-    native_msgpack, short,
+    JSON_CT, MSGPACK_CT, MSGPACK_DECODER, call_handler, decode_span,
+    error_reply, generic_match, json_text, kombu_json_loads, load,
+    native_json, native_msgpack, short,
 )
 from pidbox.exceptions import (
     INSECURE_CONTENT, ROUTE_HEADER, TRUSTED_CONTENT, ContentDisallowed,
-    MalformedRequest,
+    DecodeError, MalformedRequest,
 )
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_GetItem
+from cpython.method cimport PyMethod_Check, PyMethod_GET_FUNCTION, PyMethod_GET_SELF
 from cpython.object cimport PyObject
+from cpython.unicode cimport PyUnicode_DecodeUTF8
+from libc.string cimport memchr, memcmp
 
 cdef extern from "Python.h":
     int PyUnicode_KIND(object o)
     void* PyUnicode_DATA(object o)
     Py_UCS4 PyUnicode_READ(int kind, void* data, Py_ssize_t index) nogil
     Py_ssize_t PyUnicode_GET_LENGTH(object o)
+    object PyUnicode_Substring(object o, Py_ssize_t start, Py_ssize_t end)
 
-__all__ = ('Dispatcher', 'validate', 'execute')
+__all__ = ('Dispatcher', 'RawHandler', 'validate', 'execute', 'run')
 
 logger = logging.getLogger('pidbox.dispatch')
 
@@ -76,6 +81,16 @@ cdef Py_ssize_t _json_string_end(int kind, void* data, Py_ssize_t pos,
                                  Py_ssize_t n) except -1:
     cdef Py_ssize_t i = pos + 1
     cdef Py_UCS4 c
+    cdef const char* base
+    cdef const char* quote
+    if kind == 1:
+        # one byte per char: find the quote, then look for a backslash before
+        # it; only strings with escapes take the char loop below.
+        base = <const char*>data
+        if i < n:
+            quote = <const char*>memchr(base + i, 34, n - i)
+            if quote != NULL and memchr(base + i, 92, quote - (base + i)) == NULL:
+                return (quote - base) + 1
     while i < n:
         c = PyUnicode_READ(kind, data, i)
         if c == 92:        # backslash
@@ -160,14 +175,18 @@ cdef int _name_index(str key):
 
 
 cdef dict _skim_json(str s):
+    cdef Py_ssize_t spans[3][2]
+    _skim_json_into(s, spans)
+    return _spans_dict(spans)
+
+
+cdef int _skim_json_into(str s, Py_ssize_t spans[3][2]) except -1:
     cdef int kind = PyUnicode_KIND(s)
     cdef void* data = PyUnicode_DATA(s)
     cdef Py_ssize_t n = PyUnicode_GET_LENGTH(s)
     cdef Py_ssize_t pos, key_end, start, end, i
-    cdef Py_ssize_t spans[3][2]
     cdef bint escaped
     cdef int index
-    cdef dict result
     for i in range(3):
         spans[i][0] = -1
     pos = _skip_ws(kind, data, 0, n)
@@ -214,7 +233,7 @@ cdef dict _skim_json(str s):
     pos = _skip_ws(kind, data, pos, n)
     if pos != n:
         raise _json_error('trailing data', pos)
-    return _spans_dict(spans)
+    return 0
 
 
 cdef dict _spans_dict(Py_ssize_t spans[3][2]):
@@ -351,11 +370,16 @@ cdef int _mp_routing_index(const unsigned char* b, Py_ssize_t pos,
 
 
 cdef dict _skim_msgpack(bytes data):
+    cdef Py_ssize_t spans[3][2]
+    _skim_msgpack_into(data, spans)
+    return _spans_dict(spans)
+
+
+cdef int _skim_msgpack_into(bytes data, Py_ssize_t spans[3][2]) except -1:
     cdef const unsigned char* b = <const unsigned char*>PyBytes_AS_STRING(data)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
     cdef Py_ssize_t pos, key_start, start, i
     cdef unsigned long long payload, children, pair
-    cdef Py_ssize_t spans[3][2]
     cdef int index
     for i in range(3):
         spans[i][0] = -1
@@ -378,7 +402,228 @@ cdef dict _skim_msgpack(bytes data):
             spans[index][1] = pos
     if pos != n:
         raise _mp_error('trailing data', pos)
-    return _spans_dict(spans)
+    return 0
+
+
+# -- routing values without a decoder call ---------------------------------
+#
+# The values of destination, pattern and matcher are nearly always null, a
+# plain string or a list of plain strings: those are built (or, for a
+# destination, searched) here, exactly as the decoder would give them; any
+# other value goes through the registered decoder like in the twin.
+
+cdef object _DECODERS = _kombu_serializers._decoders
+cdef object _JSON_DEFAULTS = getattr(kombu_json_loads, '__defaults__', None)
+cdef object _json_decoder = None
+if (_JSON_DEFAULTS is not None and len(_JSON_DEFAULTS) == 3 and
+        _JSON_DEFAULTS[0] is json.loads):
+    # what kombu's loads(text) runs: json.loads(text, object_hook=...)
+    _json_decoder = json.JSONDecoder(object_hook=_JSON_DEFAULTS[2])
+cdef object _JSONDecodeError = json.JSONDecodeError
+
+
+cdef inline bint _native_json() except -1:
+    cdef PyObject* p = PyDict_GetItem(_DECODERS, JSON_CT)
+    return p != NULL and <object>p is kombu_json_loads
+
+
+cdef inline bint _native_msgpack() except -1:
+    cdef PyObject* p = PyDict_GetItem(_DECODERS, MSGPACK_CT)
+    return MSGPACK_DECODER is not None and p != NULL and \
+        <object>p is MSGPACK_DECODER
+
+
+cdef object _json_load(str text):
+    """``load(text, JSON_CT)`` with kombu's decoder, minus its per-call setup."""
+    if _json_decoder is None:
+        return load(text, JSON_CT)
+    try:
+        if PyUnicode_GET_LENGTH(text) and \
+                PyUnicode_READ(PyUnicode_KIND(text), PyUnicode_DATA(text),
+                               0) == 0xfeff:
+            raise _JSONDecodeError(
+                'Unexpected UTF-8 BOM (decode using utf-8-sig)', text, 0)
+        return _json_decoder.decode(text)
+    except RecursionError:  # as in _codec.load: the depth hit is stack-bound
+        raise MalformedRequest(
+            'body', f'cannot decode {JSON_CT}: nested too deeply') from None
+    except Exception as exc:
+        raise MalformedRequest(
+            'body', f'cannot decode {JSON_CT}: {exc!r}') from None
+
+
+cdef bint _json_plain_string(int kind, void* data, Py_ssize_t start,
+                             Py_ssize_t end) noexcept:
+    """True if data[start:end] is a JSON string without escapes or controls."""
+    cdef Py_ssize_t i
+    cdef Py_UCS4 c
+    if end - start < 2 or PyUnicode_READ(kind, data, start) != 34 or \
+            PyUnicode_READ(kind, data, end - 1) != 34:
+        return False
+    for i in range(start + 1, end - 1):
+        c = PyUnicode_READ(kind, data, i)
+        if c == 92 or c == 34 or c < 32:
+            return False
+    return True
+
+
+cdef object _json_value(str s, int kind, void* data, Py_ssize_t start,
+                        Py_ssize_t end, str key):
+    """What kombu's JSON decoder gives for s[start:end] (None: no span)."""
+    cdef list items
+    cdef Py_ssize_t pos, e
+    if start < 0:
+        return None
+    if _chars_equal(kind, data, start, end - start, b'null', 4):
+        return None
+    if _json_plain_string(kind, data, start, end):
+        return PyUnicode_Substring(s, start + 1, end - 1)
+    if PyUnicode_READ(kind, data, start) == 91:
+        items = []
+        pos = _skip_ws(kind, data, start + 1, end)
+        if pos < end and PyUnicode_READ(kind, data, pos) == 93:
+            if pos + 1 == end:
+                return items
+        else:
+            while pos < end and PyUnicode_READ(kind, data, pos) == 34:
+                e = _json_string_end(kind, data, pos, end)
+                if not _json_plain_string(kind, data, pos, e):
+                    break
+                items.append(PyUnicode_Substring(s, pos + 1, e - 1))
+                pos = _skip_ws(kind, data, e, end)
+                if pos < end and PyUnicode_READ(kind, data, pos) == 44:
+                    pos = _skip_ws(kind, data, pos + 1, end)
+                elif pos + 1 == end and PyUnicode_READ(kind, data, pos) == 93:
+                    return items
+                else:
+                    break
+    return decode_span(kombu_json_loads, s, {key: (start, end)}, key)
+
+
+cdef bint _same_chars(int kind, void* data, Py_ssize_t pos, str name,
+                      Py_ssize_t size) noexcept:
+    cdef int nkind = PyUnicode_KIND(name)
+    cdef void* ndata = PyUnicode_DATA(name)
+    cdef Py_ssize_t i
+    if nkind == kind:
+        return memcmp(<char*>data + pos * kind, ndata, size * kind) == 0
+    for i in range(size):
+        if PyUnicode_READ(kind, data, pos + i) != \
+                PyUnicode_READ(nkind, ndata, i):
+            return False
+    return True
+
+
+cdef int _json_has_name(int kind, void* data, Py_ssize_t start,
+                        Py_ssize_t end, str name) except -2:
+    """Search a destination without building it.
+
+    1 found, 0 not found (a non-empty list of plain strings), 2 an empty
+    list, -1 any other value (decode it instead).
+    """
+    cdef Py_ssize_t pos, e, size
+    cdef int found = 0
+    if start < 0 or name is None or PyUnicode_READ(kind, data, start) != 91:
+        return -1
+    size = PyUnicode_GET_LENGTH(name)
+    pos = _skip_ws(kind, data, start + 1, end)
+    if pos < end and PyUnicode_READ(kind, data, pos) == 93:
+        return 2 if pos + 1 == end else -1
+    while pos < end and PyUnicode_READ(kind, data, pos) == 34:
+        e = _json_string_end(kind, data, pos, end)
+        if not _json_plain_string(kind, data, pos, e):
+            return -1
+        if not found and e - pos - 2 == size and \
+                _same_chars(kind, data, pos + 1, name, size):
+            found = 1
+        pos = _skip_ws(kind, data, e, end)
+        if pos < end and PyUnicode_READ(kind, data, pos) == 44:
+            pos = _skip_ws(kind, data, pos + 1, end)
+        elif pos + 1 == end and PyUnicode_READ(kind, data, pos) == 93:
+            return found
+        else:
+            return -1
+    return -1
+
+
+cdef Py_ssize_t _mp_str_start(const unsigned char* b, Py_ssize_t pos) noexcept:
+    """Where the payload of the msgpack str at pos starts, or -1."""
+    cdef unsigned char c = b[pos]
+    if 0xa0 <= c <= 0xbf:
+        return pos + 1
+    if c == 0xd9:
+        return pos + 2
+    if c == 0xda:
+        return pos + 3
+    if c == 0xdb:
+        return pos + 5
+    return -1
+
+
+cdef inline bint _mp_is_array(unsigned char c) noexcept:
+    return 0x90 <= c <= 0x9f or c == 0xdc or c == 0xdd
+
+
+cdef object _mp_value(bytes data, Py_ssize_t start, Py_ssize_t end, str key):
+    """What kombu's msgpack decoder gives for data[start:end]."""
+    cdef const unsigned char* b = <const unsigned char*>PyBytes_AS_STRING(data)
+    cdef Py_ssize_t p, pos, e
+    cdef unsigned long long payload, children, i
+    cdef list items
+    if start < 0:
+        return None
+    if b[start] == 0xc0 and end == start + 1:
+        return None
+    p = _mp_str_start(b, start)
+    try:
+        if p >= 0:
+            return PyUnicode_DecodeUTF8(<const char*>b + p, end - p, NULL)
+        if _mp_is_array(b[start]):
+            pos = _mp_header(b, start, end, &payload, &children)
+            items = []
+            for i in range(children):
+                e = _mp_value_end(b, pos, end)
+                p = _mp_str_start(b, pos)
+                if p < 0:
+                    break
+                items.append(
+                    PyUnicode_DecodeUTF8(<const char*>b + p, e - p, NULL))
+                pos = e
+            else:
+                if pos == end:
+                    return items
+    except UnicodeDecodeError:
+        pass
+    return decode_span(MSGPACK_DECODER, data, {key: (start, end)}, key)
+
+
+cdef int _mp_has_name(const unsigned char* b, Py_ssize_t start,
+                      Py_ssize_t end, bytes name) except -2:
+    """Like :func:`_json_has_name`, for a msgpack array of ASCII strs."""
+    cdef Py_ssize_t pos, e, p, j, size
+    cdef unsigned long long payload, children, i
+    cdef int found = 0
+    cdef const char* n
+    if start < 0 or name is None or not _mp_is_array(b[start]):
+        return -1
+    n = PyBytes_AS_STRING(name)
+    size = PyBytes_GET_SIZE(name)
+    pos = _mp_header(b, start, end, &payload, &children)
+    if children == 0:
+        return 2 if pos == end else -1
+    for i in range(children):
+        e = _mp_value_end(b, pos, end)
+        p = _mp_str_start(b, pos)
+        if p < 0:
+            return -1
+        for j in range(p, e):
+            if b[j] >= 0x80:
+                return -1
+        if not found and e - p == size and \
+                memcmp(<const char*>b + p, n, size) == 0:
+            found = 1
+        pos = e
+    return found if pos == end else -1
 
 
 # -- request shape ---------------------------------------------------------
@@ -428,6 +673,8 @@ cdef class Dispatcher:
 
     cdef public str hostname
     cdef public object accept
+    cdef object _name_of_utf8
+    cdef bytes _name_utf8
 
     def __init__(self, str hostname, accept=None):
         self.hostname = hostname
@@ -483,6 +730,8 @@ cdef class Dispatcher:
             raise MalformedRequest(
                 'content_type', f'expected a string, got '
                                 f'{type(content_type).__name__}')
+        elif type(content_type) is not str:
+            content_type = str.__str__(content_type)  # an exact str
         accept = self.accept
         if accept is not None:
             if content_type not in TRUSTED_CONTENT and \
@@ -496,13 +745,27 @@ cdef class Dispatcher:
                 f'{content_type} (name it in accept to allow it)')
         return content_type
 
+    cdef bytes _hostname_utf8(self):
+        """The hostname as UTF-8 (None if it has none), cached per name."""
+        hostname = self.hostname
+        if self._name_of_utf8 is not hostname:
+            try:
+                self._name_utf8 = hostname.encode('utf-8')
+            except (AttributeError, UnicodeEncodeError):
+                self._name_utf8 = None
+            self._name_of_utf8 = hostname
+        return self._name_utf8
+
     cpdef object decode(self, object body, object content_type,
                         object content_encoding, object headers):
         """Decide for a raw message: the validated request, or None."""
         cdef str ct = self.check_content_type(content_type)
         cdef str text
         cdef bytes data
-        cdef dict spans
+        cdef Py_ssize_t spans[3][2]
+        cdef int kind, found
+        cdef void* chars
+        cdef const unsigned char* b
         route = headers.get(ROUTE_HEADER) if headers else None
         if route is not None:
             if not (isinstance(route, (list, tuple)) and len(route) == 3):
@@ -510,29 +773,53 @@ cdef class Dispatcher:
                     ROUTE_HEADER, 'expected [destination, pattern, matcher]')
             if not self.addressed(route[0], route[1], route[2]):
                 return None
-            if ct == JSON_CT and native_json():
-                body = json_text(body, content_encoding)
+            if ct == JSON_CT and _native_json():
+                return validate(_json_load(json_text(body, content_encoding)))
             return validate(load(body, ct))
-        if ct == JSON_CT and native_json():
+        if ct == JSON_CT and _native_json():
             text = json_text(body, content_encoding)
-            spans = _skim_json(text)
-            if not self.addressed(
-                    decode_span(kombu_json_loads, text, spans, 'destination'),
-                    decode_span(kombu_json_loads, text, spans, 'pattern'),
-                    decode_span(kombu_json_loads, text, spans, 'matcher')):
+            _skim_json_into(text, spans)
+            kind = PyUnicode_KIND(text)
+            chars = PyUnicode_DATA(text)
+            # the destination decides when it is a non-empty list of plain
+            # names; pattern and matcher are still decoded, as in the twin.
+            found = _json_has_name(kind, chars, spans[0][0], spans[0][1],
+                                   self.hostname)
+            if found == 0 or found == 1:
+                _json_value(text, kind, chars, spans[1][0], spans[1][1],
+                            'pattern')
+                _json_value(text, kind, chars, spans[2][0], spans[2][1],
+                            'matcher')
+            elif not self.addressed(
+                    _json_value(text, kind, chars, spans[0][0], spans[0][1],
+                                'destination'),
+                    _json_value(text, kind, chars, spans[1][0], spans[1][1],
+                                'pattern'),
+                    _json_value(text, kind, chars, spans[2][0], spans[2][1],
+                                'matcher')):
                 return None
-            return validate(load(text, JSON_CT))
-        if ct == MSGPACK_CT and native_msgpack():
+            if found == 0:
+                return None
+            return validate(_json_load(text))
+        if ct == MSGPACK_CT and _native_msgpack():
             if not isinstance(body, (bytes, bytearray, memoryview)):
                 raise MalformedRequest(
                     'body', f'expected bytes for msgpack, got '
                             f'{type(body).__name__}')
             data = bytes(body)
-            spans = _skim_msgpack(data)
-            if not self.addressed(
-                    decode_span(MSGPACK_DECODER, data, spans, 'destination'),
-                    decode_span(MSGPACK_DECODER, data, spans, 'pattern'),
-                    decode_span(MSGPACK_DECODER, data, spans, 'matcher')):
+            _skim_msgpack_into(data, spans)
+            b = <const unsigned char*>PyBytes_AS_STRING(data)
+            found = _mp_has_name(b, spans[0][0], spans[0][1],
+                                 self._hostname_utf8())
+            if found == 0 or found == 1:
+                _mp_value(data, spans[1][0], spans[1][1], 'pattern')
+                _mp_value(data, spans[2][0], spans[2][1], 'matcher')
+            elif not self.addressed(
+                    _mp_value(data, spans[0][0], spans[0][1], 'destination'),
+                    _mp_value(data, spans[1][0], spans[1][1], 'pattern'),
+                    _mp_value(data, spans[2][0], spans[2][1], 'matcher')):
+                return None
+            if found == 0:
                 return None
             return validate(load(data, MSGPACK_CT))
         return self.route(load(body, ct))
@@ -548,10 +835,108 @@ cpdef object execute(object handlers, object state, object method,
         return error_reply(exc)
     try:
         if arguments:
-            return handler(state, **arguments)
+            if type(arguments) is dict:
+                return handler(state, **arguments)
+            return call_handler(handler, state, arguments)
         return handler(state)
     except SystemExit:
         raise
     except Exception as exc:
         logger.error('pidbox command error: %r', exc, exc_info=True)
         return error_reply(exc)
+
+
+cdef object _node_logger = logging.getLogger('pidbox.node')
+
+
+cpdef object run(object node, object request):
+    """Run a validated request the way ``Node.dispatch`` would, and reply.
+
+    Only for nodes whose dispatch methods are kombu's (see
+    ``Node._has_default_dispatch``); others go through ``Node.dispatch``.
+    """
+    method = request['method']
+    arguments = request.get('arguments')
+    reply_to = request.get('reply_to')
+    if _node_logger.isEnabledFor(10):
+        node._log_received(method, arguments, reply_to, request.get('ticket'))
+    reply = execute(node.handlers, node.state, method, arguments)
+    if reply_to:
+        node._send_reply(reply, reply_to, request.get('ticket'))
+    return reply
+
+
+cdef class RawHandler:
+    """A node's callback for raw kombu messages: decide first, then run.
+
+    Adjusts the node's clock from the header, asks the dispatcher whether the
+    message is for this node, hands decode errors to the consumer's (or the
+    node's) ``on_decode_error``, drops expired requests and runs the rest.
+    Nothing raises out of it into the consumer.
+    """
+
+    cdef readonly object node
+    cdef readonly Dispatcher dispatcher
+    cdef readonly object consumer
+    cdef readonly bint fast
+    cdef readonly object callbacks
+    cdef readonly object callback
+
+    def __init__(self, node, Dispatcher dispatcher, consumer=None):
+        self.node = node
+        self.dispatcher = dispatcher
+        self.consumer = consumer
+        self.fast = node._has_default_dispatch()
+        # the consumer's callback list as listen() made it: while it stays
+        # so, skip kombu's decode; once someone changes it, honour it
+        self.callbacks = None if consumer is None else consumer.callbacks
+        self.callback = None if consumer is None else self.callbacks[0]
+
+    def __call__(self, message):
+        consumer = self.consumer
+        if consumer is not None:
+            callbacks = consumer.callbacks
+            if callbacks is not self.callbacks or len(callbacks) != 1 or \
+                    callbacks[0] is not self.callback:
+                return self.receive_decoded(message)
+        node = self.node
+        headers = message.headers
+        clock = headers.get('clock') if headers else None
+        if type(clock) is not int:
+            if clock:
+                _node_logger.debug(
+                    'pidbox: ignoring clock header %r: not an integer', clock)
+            clock = 0
+        node.adjust_clock(clock)
+        try:
+            request = self.dispatcher.decode(
+                message.body, message.content_type, message.content_encoding,
+                headers)
+        except (DecodeError, ContentDisallowed) as exc:
+            self.decode_error(message, exc)
+            return None
+        except Exception as exc:
+            _node_logger.error('pidbox: cannot route message: %r', exc,
+                               exc_info=True)
+            return None
+        if request is None:
+            return None
+        if headers and headers.get('expires') and node._expired(headers):
+            return None
+        if self.fast:
+            return run(node, request)
+        return node._run(request)
+
+    def decode_error(self, message, exc):
+        on_error = getattr(self.consumer, 'on_decode_error', None)
+        (on_error or self.node.on_decode_error)(message, exc)
+
+    def receive_decoded(self, message):
+        """kombu's way, for a consumer whose callbacks were changed."""
+        try:
+            body = message.decode()
+        except Exception as exc:
+            self.decode_error(message, exc)
+            return None
+        self.consumer.receive(body, message)
+        return None

@@ -1,0 +1,7 @@
+"""``python -m pidbox bench``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
