@@ -7,6 +7,8 @@ turns their failures into :class:`MalformedRequest` errors that name a field.
 
 from __future__ import annotations
 
+import re
+
 from kombu import matcher as _matchers
 from kombu.serialization import registry as serializers
 from kombu.utils.json import loads as kombu_json_loads
@@ -17,7 +19,7 @@ __all__ = (
     'JSON_CT', 'MSGPACK_CT', 'MSGPACK_DECODER', 'short', 'error_reply',
     'call_handler',
     'load', 'json_text', 'decode_span', 'generic_match', 'native_json',
-    'native_msgpack',
+    'native_msgpack', 'check_json_depth', 'MAX_JSON_DEPTH',
 )
 
 JSON_CT = 'application/json'
@@ -59,8 +61,48 @@ def error_reply(exc: BaseException) -> dict:
     return {'error': repr(exc)}
 
 
+#: JSON nested deeper than this is refused before decoding.  Python's JSON
+#: decoder recurses, and where it hits the recursion limit depends on the
+#: caller's stack; a fixed cap makes the outcome the same on both cores.
+MAX_JSON_DEPTH = 512
+
+_STRING_TAIL = re.compile(r'[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_STRUCTURE = re.compile(r'["\[\]{}]')
+
+
+def check_json_depth(text: str, field: str = 'body') -> None:
+    """Refuse JSON text nested deeper than :data:`MAX_JSON_DEPTH`."""
+    if text.count('[') + text.count('{') <= MAX_JSON_DEPTH:
+        return
+    depth = 0
+    pos = 0
+    search = _STRUCTURE.search
+    while True:
+        m = search(text, pos)
+        if m is None:
+            return
+        i = m.start()
+        c = text[i]
+        if c == '"':
+            end = _STRING_TAIL.match(text, i + 1)
+            if end is None:
+                return  # unterminated: the decoder says so
+            pos = end.end()
+            continue
+        if c == '[' or c == '{':
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                raise MalformedRequest(
+                    field, f'JSON nested deeper than {MAX_JSON_DEPTH} levels')
+        else:
+            depth -= 1
+        pos = i + 1
+
+
 def load(body, content_type: str):
     """Decode a whole body with the decoder kombu has registered."""
+    if content_type == JSON_CT and type(body) is str:
+        check_json_depth(body)
     decoder = serializers._decoders.get(content_type)
     if decoder is None:
         raise MalformedRequest(
@@ -100,8 +142,11 @@ def decode_span(loads, data, spans: dict, key: str):
     span = spans.get(key)
     if span is None:
         return None
+    value = data[span[0]:span[1]]
+    if type(value) is str:
+        check_json_depth(value, key)
     try:
-        return loads(data[span[0]:span[1]])
+        return loads(value)
     except RecursionError:
         raise MalformedRequest(key, 'cannot decode value: nested too deeply'
                                ) from None

@@ -28,8 +28,9 @@ from fnmatch import fnmatch, translate
 
 from kombu import matcher as _matchers
 
-from ._codec import (
-    JSON_CT, MSGPACK_CT, MSGPACK_DECODER, decode_span, error_reply,
+from ._codec import (  # the skim shares the depth check's regexes
+    _STRING_TAIL, _STRUCTURE, JSON_CT, MSGPACK_CT, MSGPACK_DECODER,
+    decode_span, error_reply,
     generic_match, json_text, kombu_json_loads, load, native_json,
     native_msgpack, short,
 )
@@ -47,8 +48,6 @@ _CACHE_SIZE = 256
 _glob_cache: dict = {}
 _pcre_cache: dict = {}
 
-_STRING_TAIL = re.compile(r'[^"\\]*(?:\\.[^"\\]*)*"', re.S)
-_STRUCTURE = re.compile(r'["\[\]{}]')
 _SCALAR = re.compile(r'[^,}\] \t\n\r]*')
 _WS = re.compile(r'[ \t\n\r]*')
 

@@ -17,7 +17,8 @@ from kombu import matcher as _matchers
 from kombu.serialization import registry as _kombu_serializers
 
 from pidbox._codec import (
-    JSON_CT, MSGPACK_CT, MSGPACK_DECODER, call_handler, decode_span,
+    JSON_CT, MSGPACK_CT, MSGPACK_DECODER, call_handler, check_json_depth,
+    decode_span,
     error_reply, generic_match, json_text, kombu_json_loads, load,
     native_json, native_msgpack, short,
 )
@@ -437,6 +438,7 @@ cdef object _json_load(str text):
     """``load(text, JSON_CT)`` with kombu's decoder, minus its per-call setup."""
     if _json_decoder is None:
         return load(text, JSON_CT)
+    check_json_depth(text)
     try:
         if PyUnicode_GET_LENGTH(text) and \
                 PyUnicode_READ(PyUnicode_KIND(text), PyUnicode_DATA(text),

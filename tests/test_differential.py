@@ -37,6 +37,7 @@ from kombu.serialization import prepare_accept_content
 from kombu.utils.json import dumps as kombu_dumps
 
 from pidbox import _core
+from pidbox._codec import MAX_JSON_DEPTH
 from pidbox.exceptions import (
     INSECURE_CONTENT, ROUTE_HEADER, ROUTING_KEYS, MalformedRequest,
 )
@@ -881,13 +882,20 @@ def test_json_decodes_like_kombu_whatever_the_encoding(encoding, shape):
     assert result[0] == 'ok'
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    'open: near the recursion limit the compiled core decodes a few levels '
-    'deeper than the pure twin (it calls the JSON decoder from fewer Python '
-    'frames); needs a fixed nesting cap checked before decoding'))
 def test_nesting_near_the_recursion_limit():
-    for depth in range(700, 1100):
+    # both cores refuse JSON deeper than MAX_JSON_DEPTH before decoding it
+    for depth in range(MAX_JSON_DEPTH - 10, 1100):
         text = ('{"method":"x","arguments":{"a":' + '[' * depth +
                 ']' * depth + '}}')
         decode_both('w1', None, text, JSON_CT, 'utf-8', None,
                     counter='nesting')
+    for core in (_core.pure, _core.compiled):
+        if core is None:
+            continue
+        dispatcher = core.Dispatcher('w1', None)
+        deep = '[' * (MAX_JSON_DEPTH - 2) + ']' * (MAX_JSON_DEPTH - 2)
+        ok = '{"method":"x","arguments":{"a":' + deep + '}}'
+        assert dispatcher.decode(ok, JSON_CT, 'utf-8', {})['method'] == 'x'
+        too_deep = ok.replace(deep, '[' + deep + ']')
+        with pytest.raises(MalformedRequest, match='nested deeper'):
+            dispatcher.decode(too_deep, JSON_CT, 'utf-8', {})
