@@ -10,6 +10,8 @@ reply envelope is built, the publish is stubbed out, for all three alike.
 
 from __future__ import annotations
 
+from functools import partial
+
 import random
 import socket
 import threading
@@ -203,13 +205,11 @@ def core_runner(impl: str, raw: RawMessage, hostname: str = HOSTNAME):
         def run():
             return handle_message(loads(body, ct, ce, accept=accept), raw)
         return run
-    dispatcher = node.dispatch_core.Dispatcher(
-        hostname, prepare_accept_content(ACCEPT))
-    handle_raw_message = node.handle_raw_message
-
-    def run():
-        return handle_raw_message(raw, None, dispatcher)
-    return run
+    # what Node.listen() installs as the consumer's on_message
+    handler = node.dispatch_core.RawHandler(
+        node, node.dispatch_core.Dispatcher(
+            hostname, prepare_accept_content(ACCEPT)))
+    return partial(handler, raw)
 
 
 # -- end to end on a broker ------------------------------------------------

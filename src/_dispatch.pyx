@@ -14,6 +14,7 @@ import re
 from fnmatch import fnmatch, translate
 
 from kombu import matcher as _matchers
+from kombu.clocks import LamportClock
 from kombu.serialization import registry as _kombu_serializers
 
 from pidbox._codec import (
@@ -868,6 +869,22 @@ cpdef object run(object node, object request):
     return reply
 
 
+cdef object _lamport_adjust = LamportClock.adjust
+
+
+cdef inline void _adjust_lamport(object clock, object other) except *:
+    """``LamportClock.adjust(other)`` without its Python frame."""
+    mutex = clock.mutex
+    mutex.acquire()
+    try:
+        value = clock.value
+        if other > value:
+            value = other
+        clock.value = value + 1
+    finally:
+        mutex.release()
+
+
 cdef class RawHandler:
     """A node's callback for raw kombu messages: decide first, then run.
 
@@ -883,12 +900,19 @@ cdef class RawHandler:
     cdef readonly bint fast
     cdef readonly object callbacks
     cdef readonly object callback
+    cdef object adjust      # node.adjust_clock as it was at creation
+    cdef object clock       # its LamportClock, when adjust is kombu's own
 
     def __init__(self, node, Dispatcher dispatcher, consumer=None):
         self.node = node
         self.dispatcher = dispatcher
         self.consumer = consumer
         self.fast = node._has_default_dispatch()
+        adjust = self.adjust = node.adjust_clock
+        self.clock = None
+        if getattr(adjust, '__func__', None) is _lamport_adjust and \
+                type(adjust.__self__) is LamportClock:
+            self.clock = adjust.__self__
         # the consumer's callback list as listen() made it: while it stays
         # so, skip kombu's decode; once someone changes it, honour it
         self.callbacks = None if consumer is None else consumer.callbacks
@@ -909,7 +933,11 @@ cdef class RawHandler:
                 _node_logger.debug(
                     'pidbox: ignoring clock header %r: not an integer', clock)
             clock = 0
-        node.adjust_clock(clock)
+        adjust = node.adjust_clock
+        if adjust is self.adjust and self.clock is not None:
+            _adjust_lamport(self.clock, clock)
+        else:
+            adjust(clock)
         try:
             request = self.dispatcher.decode(
                 message.body, message.content_type, message.content_encoding,
