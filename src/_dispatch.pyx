@@ -18,7 +18,8 @@ from kombu.clocks import LamportClock
 from kombu.serialization import registry as _kombu_serializers
 
 from pidbox._codec import (
-    JSON_CT, MSGPACK_CT, MSGPACK_DECODER, call_handler, check_json_depth,
+    JSON_CT, MAX_JSON_DEPTH, MSGPACK_CT, MSGPACK_DECODER, call_handler,
+    check_json_depth,
     decode_span,
     error_reply, generic_match, json_text, kombu_json_loads, load,
     native_json, native_msgpack, short,
@@ -435,18 +436,85 @@ cdef inline bint _native_msgpack() except -1:
         <object>p is MSGPACK_DECODER
 
 
+cdef object _plain_decoder = json.JSONDecoder()
+
+cdef extern from "string.h":
+    void* memmem(const void* haystack, size_t haystacklen,
+                 const void* needle, size_t needlelen) nogil
+
+
+cdef bint _may_hold_typed(str text):
+    """False only when kombu's object hook cannot change anything in text.
+
+    The hook rewrites objects whose keys are ``__type__`` and ``__value__``;
+    without that literal and without a ``\\u`` escape (which could spell
+    it) no such key exists, and the plain decoder gives the same result.
+    """
+    cdef Py_ssize_t n = PyUnicode_GET_LENGTH(text)
+    cdef const char* data
+    cdef const char* p
+    if PyUnicode_KIND(text) != 1:
+        return True
+    data = <const char*>PyUnicode_DATA(text)
+    if memmem(data, n, b'__type__', 8) != NULL:
+        return True
+    p = <const char*>memchr(data, 92, n)
+    while p != NULL:
+        if p + 1 < data + n and p[1] == 117:   # u
+            return True
+        p = <const char*>memchr(p + 2, 92, data + n - p - 2) \
+            if p + 2 < data + n else NULL
+    return False
+
+
+cdef str _json_text(object body, object content_encoding):
+    """``json_text``, with the common case (exact bytes, valid UTF-8) in C."""
+    if type(body) is bytes:
+        try:
+            return PyUnicode_DecodeUTF8(PyBytes_AS_STRING(body),
+                                        PyBytes_GET_SIZE(body), NULL)
+        except UnicodeDecodeError:
+            pass  # json_text raises the error both cores raise
+    return json_text(body, content_encoding)
+
+
+cdef void _check_json_depth(str text) except *:
+    """``check_json_depth``: its bracket count in C, its exact scan shared."""
+    cdef int kind = PyUnicode_KIND(text)
+    cdef void* data = PyUnicode_DATA(text)
+    cdef Py_ssize_t n = PyUnicode_GET_LENGTH(text), i, brackets = 0
+    cdef Py_UCS4 c
+    for i in range(n):
+        c = PyUnicode_READ(kind, data, i)
+        if c == 91 or c == 123:
+            brackets += 1
+    if brackets > MAX_JSON_DEPTH:
+        check_json_depth(text)
+
+
 cdef object _json_load(str text):
     """``load(text, JSON_CT)`` with kombu's decoder, minus its per-call setup."""
     if _json_decoder is None:
         return load(text, JSON_CT)
-    check_json_depth(text)
+    cdef int kind = PyUnicode_KIND(text)
+    cdef void* data = PyUnicode_DATA(text)
+    cdef Py_ssize_t n = PyUnicode_GET_LENGTH(text), end
+    _check_json_depth(text)
     try:
         if PyUnicode_GET_LENGTH(text) and \
                 PyUnicode_READ(PyUnicode_KIND(text), PyUnicode_DATA(text),
                                0) == 0xfeff:
             raise _JSONDecodeError(
                 'Unexpected UTF-8 BOM (decode using utf-8-sig)', text, 0)
-        return _json_decoder.decode(text)
+        if _may_hold_typed(text):
+            return _json_decoder.decode(text)
+        # json.JSONDecoder.decode, step by step, without the object hook
+        value, end = _plain_decoder.raw_decode(text,
+                                               _skip_ws(kind, data, 0, n))
+        end = _skip_ws(kind, data, end, n)
+        if end != n:
+            raise _JSONDecodeError('Extra data', text, end)
+        return value
     except RecursionError:  # as in _codec.load: the depth hit is stack-bound
         raise MalformedRequest(
             'body', f'cannot decode {JSON_CT}: nested too deeply') from None
@@ -777,10 +845,10 @@ cdef class Dispatcher:
             if not self.addressed(route[0], route[1], route[2]):
                 return None
             if ct == JSON_CT and _native_json():
-                return validate(_json_load(json_text(body, content_encoding)))
+                return validate(_json_load(_json_text(body, content_encoding)))
             return validate(load(body, ct))
         if ct == JSON_CT and _native_json():
-            text = json_text(body, content_encoding)
+            text = _json_text(body, content_encoding)
             _skim_json_into(text, spans)
             kind = PyUnicode_KIND(text)
             chars = PyUnicode_DATA(text)
