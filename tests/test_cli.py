@@ -5,11 +5,13 @@ import subprocess
 import sys
 
 
-def test_bench_prints_three_rows_with_numbers():
+def test_bench_prints_three_rows_with_numbers(tmp_path):
+    # cwd elsewhere: `python -m` puts the cwd first on sys.path, and the
+    # source tree's pidbox/ has no compiled core in a fresh clone
     proc = subprocess.run(
         [sys.executable, '-m', 'pidbox', 'bench', '--nodes', '2',
          '--messages', '40', '--calls', '5', '--no-progress'],
-        capture_output=True, text=True, timeout=120)
+        capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     rows = {}
     for line in proc.stdout.splitlines():
@@ -30,6 +32,6 @@ def test_bench_plot_without_matplotlib_says_what_to_install(tmp_path):
             'from pidbox.cli import main; '
             f'sys.exit(main(["bench", "--plot", r"{tmp_path / "b.png"}"]))')
     proc = subprocess.run([sys.executable, '-c', code], capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=60, cwd=tmp_path)
     assert proc.returncode == 2
     assert "pip install 'pidbox[plot]'" in proc.stderr
