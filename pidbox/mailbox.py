@@ -186,6 +186,8 @@ class Mailbox:
                             delivery_mode='transient',
                             durable=False)
         with self.producer_or_acquire(producer, chan) as producer:
+            expiring = self._expire_reply_queue(producer.channel, exchange,
+                                                routing_key)
             try:
                 producer.publish(
                     reply, exchange=exchange, routing_key=routing_key,
@@ -197,6 +199,26 @@ class Mailbox:
             except InconsistencyError:
                 # the reply queue is gone: nobody is waiting for this reply.
                 pass
+            finally:
+                if expiring is not None:
+                    expiring[0].pop(expiring[1], None)
+
+    def _expire_reply_queue(self, channel, exchange, routing_key):
+        """Make a reply that outlives its caller expire on Redis.
+
+        kombu's Redis channel sets a queue's x-expires on each push only if
+        that channel declared the queue, and a node's never does: a late
+        reply would create a reply queue that never expires.  For this one
+        publish the node's channel learns the caller's expiry.
+        """
+        expires = getattr(channel, '_expires', None)
+        if not (isinstance(expires, dict) and self.reply_queue_expires):
+            return None
+        queue = f'{routing_key}.{exchange.name}'
+        if queue in expires:
+            return None
+        expires[queue] = int(self.reply_queue_expires * 1000)
+        return expires, queue
 
     def _publish(self, type, arguments, destination=None,
                  reply_ticket=None, channel=None, timeout=None,

@@ -88,11 +88,15 @@ class Node:
                 warnings.warn(W_PIDBOX_IN_USE.format(node=self))
         queue.on_declared = verify_exclusive
 
+        channel = channel or self.channel
         conn = self.mailbox.connection
+        if conn is None:  # an unbound mailbox, as Celery builds its nodes
+            conn = getattr(getattr(channel, 'connection', None), 'client',
+                           None)
         channel_errors = conn.channel_errors if conn else ()
         try:
             return _api.Consumer(
-                channel or self.channel, [queue], no_ack=no_ack,
+                channel, [queue], no_ack=no_ack,
                 accept=self.mailbox.accept if accept is None else accept,
                 **options
             )
