@@ -126,3 +126,45 @@ def test_call_one_node(benchmark, impl, broker):
             benchmark.pedantic(call, rounds=30)
     finally:
         _stop(procs)
+
+
+@pytest.mark.parametrize('nodes', [10])
+def test_multi_call_ends(impl, broker, nodes, capsys):
+    """When a multi_call returns: at its deadline without ``limit``, and
+    right after the last reply with ``limit``.  Prints the overshoot past
+    the deadline and the wait after the last reply (no pass/fail on time)."""
+    from time import monotonic
+
+    from kombu import Connection
+    name, url = broker
+    namespace, procs = _start_nodes(impl, url, nodes)
+    timeout = 0.5
+    try:
+        with Connection(url) as conn:
+            mailbox = bench.make_node(impl, 'client', None,
+                                      namespace).mailbox(conn)
+            mailbox.multi_call('ping', timeout=5, limit=nodes)  # warm up
+            overshoots, waits = [], []
+            for _ in range(5):
+                arrivals = []
+                started = monotonic()
+                replies = mailbox.multi_call(
+                    'ping', timeout=timeout,
+                    callback=lambda body: arrivals.append(monotonic()))
+                overshoots.append(monotonic() - started - timeout)
+                assert len(replies) == nodes
+                started = monotonic()
+                replies = mailbox.multi_call(
+                    'ping', timeout=5, limit=nodes,
+                    callback=lambda body: arrivals.append(monotonic()))
+                waits.append(monotonic() - arrivals[-1])
+                assert len(replies) == nodes
+    finally:
+        _stop(procs)
+    overshoots.sort()
+    waits.sort()
+    with capsys.disabled():
+        print(f'\n{name} {impl}: multi_call x{nodes}, timeout {timeout}s '
+              f'without limit returns {overshoots[2] * 1e3:+.1f} ms past '
+              f'the deadline (median of 5); with limit={nodes}, '
+              f'{waits[2] * 1e3:.2f} ms after the last reply')
