@@ -10,7 +10,7 @@ from __future__ import annotations
 
 # kombu's names, looked up here at call time, so that tests written for
 # kombu.pidbox can patch pidbox.Producer, pidbox.Consumer and pidbox.Queue.
-from kombu import Consumer, Exchange, Producer, Queue
+from kombu import Consumer, Exchange, Producer, Queue  # noqa: F401
 
 from ._core import IMPLEMENTATION
 from .exceptions import MalformedRequest

@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import re
-import socket
-import threading
 from time import monotonic
 from unittest.mock import Mock
 
@@ -26,56 +23,21 @@ from celery.exceptions import ImproperlyConfigured
 from celery.utils.collections import AttributeDict
 from celery.worker import control as worker_control
 from celery.worker.pidbox import Pidbox
-from kombu import Connection
 from kombu import Producer as KombuProducer
 from kombu import pidbox as kombu_pidbox
 from kombu.exceptions import ContentDisallowed, DecodeError
-from kombu.utils.uuid import uuid
 
 import pidbox
+from memory_nodes import (
+    DEADLINE, NodeServer, by_host, drain_queue, fresh_connection, names_field,
+    unique, warning_texts,
+)
 
 pytestmark = pytest.mark.usefixtures('core')
 
-DEADLINE = 10.0
 
 
 # -- helpers ---------------------------------------------------------------
-
-def unique(prefix='cc'):
-    return f'{prefix}{uuid().replace("-", "")[:16]}'
-
-
-def fresh_connection():
-    return Connection('memory://',
-                      transport_options={'polling_interval': 0.01})
-
-
-def warning_texts(caplog, level=logging.WARNING):
-    return [r.getMessage() for r in caplog.records if r.levelno >= level]
-
-
-def names_field(caplog, field):
-    rx = re.compile(rf'\b{re.escape(field)}\b')
-    return any('malformed' in text.lower() and rx.search(text)
-               for text in warning_texts(caplog))
-
-
-def drain_queue(q):
-    items = []
-    while True:
-        try:
-            items.append(q.get_nowait())
-        except queue.Empty:
-            return items
-
-
-def by_host(replies):
-    merged = {}
-    for reply in replies:
-        assert isinstance(reply, dict) and len(reply) == 1, reply
-        merged.update(reply)
-    return merged
-
 
 class PidboxControl(Control):
     """Celery's remote control client with pidbox's Mailbox."""
@@ -102,48 +64,6 @@ def app():
         yield app
     finally:
         app.close()
-
-
-class NodeServer:
-    """Run worker-side nodes in a thread on their own memory:// connection."""
-
-    def __init__(self, setup):
-        self.setup = setup
-        self.value = None
-        self.error = None
-        self._ready = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True,
-                                        name='pidbox-test-worker')
-
-    def _run(self):
-        try:
-            with fresh_connection() as conn:
-                self.value = self.setup(conn)
-                self._ready.set()
-                while not self._stop.is_set():
-                    try:
-                        conn.drain_events(timeout=0.05)
-                    except socket.timeout:
-                        pass
-        except BaseException as exc:  # noqa: B036 - reported to the test
-            self.error = exc
-        finally:
-            self._ready.set()
-
-    def __enter__(self):
-        self._thread.start()
-        assert self._ready.wait(DEADLINE), 'worker thread did not start'
-        if self.error is not None:
-            raise self.error
-        return self
-
-    def __exit__(self, *exc_info):
-        self._stop.set()
-        self._thread.join(DEADLINE)
-        assert not self._thread.is_alive(), 'worker thread did not stop'
-        if self.error is not None and exc_info[0] is None:
-            raise self.error
 
 
 class FakeWorkerConsumer:

@@ -24,7 +24,6 @@ import importlib.machinery
 import inspect
 import json
 import os
-import string
 
 import msgpack
 import pytest
