@@ -33,6 +33,15 @@ logger = logging.getLogger(__name__)
 
 REPLY_QUEUE_EXPIRES = 10
 
+#: How a request with a timeout retries its publish while the broker is
+#: away: a few quick tries (about a second), then the error, so that a call
+#: or cast does not block forever (kombu's default) past its deadline.
+PUBLISH_RETRY_POLICY = {'max_retries': 3, 'interval_start': 0,
+                        'interval_step': 0.2, 'interval_max': 1}
+
+#: When the current thread's _broadcast began (its call's deadline origin).
+_call_started = threading.local()
+
 
 class Mailbox:
     """Process mailbox: broadcast commands to nodes and collect replies.
@@ -244,6 +253,7 @@ class Mailbox:
                          ROUTE_HEADER: [list(destination or ()),
                                         pattern or '', matcher or '']},
                 serializer=serializer, retry=True,
+                retry_policy=PUBLISH_RETRY_POLICY if timeout else None,
             )
 
     def _broadcast(self, command, arguments=None, destination=None,
@@ -271,19 +281,23 @@ class Mailbox:
             limit = destination and len(destination) or None
 
         serializer = serializer or self.serializer
-        self._publish(command, arguments, destination=destination,
-                      reply_ticket=reply_ticket,
-                      channel=chan,
-                      timeout=timeout,
-                      serializer=serializer,
-                      pattern=pattern,
-                      matcher=matcher)
+        _call_started.value = monotonic()  # the deadline counts the publish
+        try:
+            self._publish(command, arguments, destination=destination,
+                          reply_ticket=reply_ticket,
+                          channel=chan,
+                          timeout=timeout,
+                          serializer=serializer,
+                          pattern=pattern,
+                          matcher=matcher)
 
-        if reply_ticket:
-            return self._collect(reply_ticket, limit=limit,
-                                 timeout=timeout,
-                                 callback=callback,
-                                 channel=chan)
+            if reply_ticket:
+                return self._collect(reply_ticket, limit=limit,
+                                     timeout=timeout,
+                                     callback=callback,
+                                     channel=chan)
+        finally:
+            _call_started.value = None
 
     def _collect(self, ticket,
                  limit=None, timeout=1, callback=None,
@@ -297,7 +311,8 @@ class Mailbox:
         """
         if accept is None:
             accept = self.accept
-        deadline = None if timeout is None else monotonic() + timeout
+        started = getattr(_call_started, 'value', None) or monotonic()
+        deadline = None if timeout is None else started + timeout
         chan = channel or self.connection.default_channel
         responses = []
         for body in self.unclaimed.pop(ticket, ()):

@@ -63,9 +63,15 @@ class Node:
     #: the dispatch core module (compiled or pure) this node decides with.
     dispatch_core = _core.core
 
-    #: seconds a request may be past its ``expires`` header and still run
-    #: (for clocks that disagree between callers and nodes).
+    #: seconds a call (a request wanting a reply) may be past its
+    #: ``expires`` header and still run: 0, its caller has stopped listening.
     expiry_grace = 0.0
+
+    #: the same for a cast.  Clients stamp casts with ``expires`` too (Celery
+    #: with its default 1 s timeout), but nobody waits for them: a revoke
+    #: held up behind a slow handler must still run.  Casts older than this
+    #: (left in a durable queue while the node was down) are dropped.
+    cast_expiry_grace = 60.0
 
     def __init__(self, hostname, state=None, channel=None,
                  handlers=None, mailbox=None):
@@ -185,7 +191,8 @@ class Node:
         except DecodeError as exc:
             logger.error('pidbox: rejected request: %s', exc)
             return None
-        if request is None or (message and self._expired(message.headers)):
+        if request is None or (message and self._expired(
+                message.headers, request.get('reply_to'))):
             return None
         return self._run(request)
     dispatch_from_message = handle_message
@@ -203,12 +210,13 @@ class Node:
                 self, dispatcher)
         return handler(message)
 
-    def _expired(self, headers) -> bool:
+    def _expired(self, headers, reply_to=None) -> bool:
         expires = headers.get('expires') if headers else None
         if not expires:
             return False
+        grace = self.expiry_grace if reply_to else self.cast_expiry_grace
         try:
-            expired = time() > expires + self.expiry_grace
+            expired = time() > expires + grace
         except TypeError:
             logger.error('pidbox: rejected request: %s', MalformedRequest(
                 'expires', f'expected a number, got {type(expires).__name__}'))

@@ -62,6 +62,14 @@ class NodeService(ConsumerMixin):
         if self._on_ready is not None:
             self._on_ready(self)
 
+    def on_iteration(self):
+        # A reply published with retry=True reconnects the connection in
+        # place, leaving the consumer on a dead channel that only times out:
+        # make the mixin reconnect and consume again.
+        channel = self.node.channel
+        if channel is not None and not getattr(channel, 'is_open', True):
+            raise OSError(f'pidbox: channel of node {self.hostname} closed')
+
     def on_connection_error(self, exc, interval):
         logger.warning('pidbox: node %s lost the broker (%r); '
                        'retrying in %.1fs', self.hostname, exc, interval)

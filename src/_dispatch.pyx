@@ -1019,7 +1019,8 @@ cdef class RawHandler:
             return None
         if request is None:
             return None
-        if headers and headers.get('expires') and node._expired(headers):
+        if headers and headers.get('expires') and \
+                node._expired(headers, request.get('reply_to')):
             return None
         if self.fast:
             return run(node, request)

@@ -1570,17 +1570,27 @@ def test_unserializable_reply_becomes_error_reply(memory_connection,
 
 
 def test_expired_request_is_not_run(memory_connection):
-    """pidbox honours the ``expires`` header kombu's client sends."""
+    """pidbox honours the ``expires`` header kombu's client sends.
+
+    A call past it is dropped (its caller stopped listening); a cast only
+    once it is ``cast_expiry_grace`` past it (a late revoke must still run).
+    """
     bound = pidbox.Mailbox(unique())(memory_connection)
     ran = []
     node = bound.Node('w1', handlers={'m': lambda state: ran.append(1) or 1})
-    body = {'method': 'm', 'arguments': {}}
-    for expires, expected in ((time() - 30, None), (0, 1),
-                              (time() + 30, 1)):
+    node.reply = lambda *args, **kwargs: None
+    call = {'method': 'm', 'arguments': {}, 'ticket': 't',
+            'reply_to': {'exchange': 'x', 'routing_key': 'y'}}
+    cast = {'method': 'm', 'arguments': {}}
+    grace = node.cast_expiry_grace
+    for body, expires, expected in (
+            (call, time() - 30, None), (call, 0, 1), (call, time() + 30, 1),
+            (cast, time() - grace / 2, 1), (cast, time() - grace - 30, None),
+            (cast, 0, 1)):
         message = Mock(name='message')
         message.headers = {'clock': 1, 'expires': expires}
         assert node.handle_message(dict(body), message) == expected
-    assert ran == [1, 1]
+    assert ran == [1, 1, 1, 1]
 
 
 # -- listen(): kombu's consumer callbacks stay meaningful ------------------

@@ -65,16 +65,30 @@ def test_route_header_decides_over_the_body(bound):
     assert seen == ['b']
 
 
-def test_expired_request_is_dropped_with_a_debug_line(bound, caplog):
+def test_expired_call_is_dropped_with_a_debug_line(bound, caplog):
     seen = []
     make_node(bound, 'a', ping=lambda state: seen.append(1))
-    body = b'{"method": "ping", "arguments": {}}'
+    call = (b'{"method": "ping", "arguments": {}, "ticket": "t", '
+            b'"reply_to": {"exchange": "reply.behaviour.pidbox", '
+            b'"routing_key": "nobody"}}')
     with caplog.at_level(logging.DEBUG, logger='pidbox'):
-        publish_raw(bound, body, headers={'expires': time.time() - 5})
-        publish_raw(bound, body, headers={'expires': time.time() + 60})
+        publish_raw(bound, call, headers={'expires': time.time() - 5})
+        publish_raw(bound, call, headers={'expires': time.time() + 60})
         serve(bound.connection, 0.3)
     assert seen == [1]
     assert any('expired' in r.getMessage() for r in caplog.records)
+
+
+def test_late_cast_still_runs_and_a_stale_one_does_not(bound):
+    seen = []
+    node = make_node(bound, 'a', ping=lambda state: seen.append(1))
+    cast = b'{"method": "ping", "arguments": {}}'
+    now = time.time()
+    publish_raw(bound, cast, headers={'expires': now - 5})
+    publish_raw(bound, cast,
+                headers={'expires': now - node.cast_expiry_grace - 5})
+    serve(bound.connection, 0.3)
+    assert seen == [1]
 
 
 def test_bad_expires_and_clock_headers_do_not_stop_the_node(bound, caplog):
