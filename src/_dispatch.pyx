@@ -334,9 +334,32 @@ cdef Py_ssize_t _mp_value_end(const unsigned char* b, Py_ssize_t pos,
                               Py_ssize_t n) except -1:
     cdef unsigned long long remaining = 1, payload, children
     cdef Py_ssize_t start
+    cdef unsigned char c
     while remaining:
         remaining -= 1
         start = pos
+        if pos < n:
+            # inline the headers a revoke is made of (small ints, short
+            # strings): the same checks and errors as _mp_header's path
+            c = b[pos]
+            if c <= 0x7f or c >= 0xe0:
+                pos += 1
+                if remaining > <unsigned long long>(n - pos):
+                    raise _mp_error('truncated', start)
+                continue
+            if 0xa0 <= c <= 0xbf or (c == 0xd9 and pos + 2 <= n):
+                if c == 0xd9:
+                    payload = b[pos + 1]
+                    pos += 2
+                else:
+                    payload = c & 0x1f
+                    pos += 1
+                if payload > <unsigned long long>(n - pos):
+                    raise _mp_error('truncated', start)
+                pos += <Py_ssize_t>payload
+                if remaining > <unsigned long long>(n - pos):
+                    raise _mp_error('truncated', start)
+                continue
         pos = _mp_header(b, pos, n, &payload, &children)
         if payload > <unsigned long long>(n - pos):
             raise _mp_error('truncated', start)
