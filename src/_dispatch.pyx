@@ -860,7 +860,7 @@ cdef class Dispatcher:
         cdef int kind, found
         cdef void* chars
         cdef const unsigned char* b
-        route = headers.get(ROUTE_HEADER) if headers else None
+        route = _header(headers, ROUTE_HEADER)
         if route is not None:
             if not (isinstance(route, (list, tuple)) and len(route) == 3):
                 raise MalformedRequest(
@@ -938,6 +938,15 @@ cpdef object execute(object handlers, object state, object method,
     except Exception as exc:
         logger.error('pidbox command error: %r', exc, exc_info=True)
         return error_reply(exc)
+
+
+cdef inline object _header(object headers, object name):
+    """``headers.get(name) if headers else None``, a C lookup for a dict."""
+    cdef PyObject* value
+    if type(headers) is dict:
+        value = PyDict_GetItem(headers, name)
+        return None if value == NULL else <object>value
+    return headers.get(name) if headers else None
 
 
 cdef object _node_logger = logging.getLogger('pidbox.node')
@@ -1018,7 +1027,7 @@ cdef class RawHandler:
                 return self.receive_decoded(message)
         node = self.node
         headers = message.headers
-        clock = headers.get('clock') if headers else None
+        clock = _header(headers, 'clock')
         if type(clock) is not int:
             if clock:
                 _node_logger.debug(
