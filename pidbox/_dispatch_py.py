@@ -457,14 +457,12 @@ class RawHandler:
     Nothing raises out of it into the consumer.
     """
 
-    __slots__ = ('node', 'dispatcher', 'consumer', 'fast', 'callbacks',
-                 'callback')
+    __slots__ = ('node', 'dispatcher', 'consumer', 'callbacks', 'callback')
 
     def __init__(self, node, dispatcher, consumer=None):
         self.node = node
         self.dispatcher = dispatcher
         self.consumer = consumer
-        self.fast = node._has_default_dispatch()
         # the consumer's callback list as listen() made it: while it stays
         # so, skip kombu's decode; once someone changes it, honour it
         self.callbacks = None if consumer is None else consumer.callbacks
@@ -502,8 +500,6 @@ class RawHandler:
         if headers and headers.get('expires') and \
                 node._expired(headers, request.get('reply_to')):
             return None
-        if self.fast:
-            return run(node, request)
         return node._run(request)
 
     def decode_error(self, message, exc):

@@ -241,16 +241,14 @@ class Node:
                      ticket)
 
     def _has_default_dispatch(self) -> bool:
+        """True while dispatch/handle* are kombu's (not overridden, not
+        patched on the class or the instance): the core may run requests."""
         cls = type(self)
-        default = cls.__dict__.get('_default_dispatch_cache')
-        if default is None:
-            default = all(getattr(cls, name) is getattr(Node, name)
-                          for name in _DISPATCH_METHODS)
-            cls._default_dispatch_cache = default
-        if not default:
-            return False
         instance = self.__dict__
-        return not any(name in instance for name in _DISPATCH_METHODS)
+        for name, function in _DEFAULT_DISPATCH:
+            if getattr(cls, name) is not function or name in instance:
+                return False
+        return True
 
     def _send_reply(self, reply, reply_to, ticket):
         exchange, routing_key = reply_to['exchange'], reply_to['routing_key']
@@ -267,3 +265,8 @@ class Node:
         self.mailbox._publish_reply(data, exchange, routing_key, ticket,
                                     channel=self.channel,
                                     serializer=self.mailbox.serializer)
+
+
+#: Node's own dispatch methods, to tell when a subclass or a patch replaced one.
+_DEFAULT_DISPATCH = tuple((name, Node.__dict__[name])
+                          for name in _DISPATCH_METHODS)

@@ -997,7 +997,6 @@ cdef class RawHandler:
     cdef readonly object node
     cdef readonly Dispatcher dispatcher
     cdef readonly object consumer
-    cdef readonly bint fast
     cdef readonly object callbacks
     cdef readonly object callback
     cdef object adjust      # node.adjust_clock as it was at creation
@@ -1007,7 +1006,6 @@ cdef class RawHandler:
         self.node = node
         self.dispatcher = dispatcher
         self.consumer = consumer
-        self.fast = node._has_default_dispatch()
         adjust = self.adjust = node.adjust_clock
         self.clock = None
         if getattr(adjust, '__func__', None) is _lamport_adjust and \
@@ -1054,8 +1052,6 @@ cdef class RawHandler:
         if headers and headers.get('expires') and \
                 node._expired(headers, request.get('reply_to')):
             return None
-        if self.fast:
-            return run(node, request)
         return node._run(request)
 
     def decode_error(self, message, exc):

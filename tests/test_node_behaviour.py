@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from unittest import mock
 
 import pytest
 from kombu import Connection, Producer
@@ -260,3 +261,21 @@ def test_encode_error_from_a_patched_reply_path_is_contained(bound):
     node.dispatch('ping', reply_to={'exchange': 'x', 'routing_key': 'y'},
                   ticket='t')
     assert sent == ['failed', {'a': {'error': "EncodeError('cannot encode')"}}]
+
+
+def test_dispatch_patched_on_the_class_after_listen_is_used(bound):
+    make_node(bound, 'a', add=lambda state, x, y: x + y)
+    seen = []
+    original = pidbox.Node.handle
+
+    def spy(self, method, arguments=None):
+        seen.append(method)
+        return original(self, method, arguments)
+
+    with mock.patch.object(pidbox.Node, 'handle', spy):
+        assert bound.call(['a'], 'add', {'x': 2, 'y': 3}, timeout=2) == [
+            {'a': 5}]
+    assert seen == ['add']
+    assert bound.call(['a'], 'add', {'x': 1, 'y': 1}, timeout=2) == [
+        {'a': 2}]
+    assert seen == ['add']
