@@ -176,16 +176,40 @@ def wait_answering(client, hostnames, deadline=60.0):
 # -- subprocesses -----------------------------------------------------------
 
 def subprocess_env(**extra) -> dict:
+    """os.environ for a node or worker subprocess.
+
+    Not the source tree: subprocesses must import the installed pidbox,
+    whose compiled core a fresh clone's pidbox/ does not have; so the
+    repository root comes off PYTHONPATH and this folder (the Celery test
+    app) goes on it.  Start them with a cwd outside the root, too.
+    """
     env = dict(os.environ)
-    # not the source tree: subprocesses must import the installed pidbox,
-    # whose compiled core a fresh clone's pidbox/ does not have
-    path = [str(HERE)]
-    if env.get('PYTHONPATH'):
-        path.append(env['PYTHONPATH'])
+    root = os.path.realpath(ROOT)
+    path = [str(HERE)] + [
+        p for p in env.get('PYTHONPATH', '').split(os.pathsep)
+        if p and os.path.realpath(p) != root]
     env['PYTHONPATH'] = os.pathsep.join(path)
     env['PYTHONUNBUFFERED'] = '1'
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+def wait_for_fleet(fleet, deadline: float) -> None:
+    """Until every node of ``fleet`` answers ping (fail past ``deadline``)."""
+    pending = set(fleet.hostnames)
+    end = monotonic() + deadline
+    with connect(fleet.url) as conn:
+        client = fleet.mailbox()(conn)
+        while pending:
+            if any(p.poll() is not None for p in fleet.procs):
+                pytest.fail(f'node processes exited:\n{fleet.logs()}')
+            if monotonic() > end:
+                pytest.fail(f'{len(pending)} of {len(fleet.hostnames)} nodes '
+                            f'never answered within {deadline}s: '
+                            f'{sorted(pending)[:5]}')
+            for reply in client.call(sorted(pending), 'ping',
+                                     timeout=2.0) or ():
+                pending.difference_update(reply)
 
 
 def _signal_group(proc, signum):

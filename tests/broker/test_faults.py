@@ -29,7 +29,8 @@ import pytest
 
 import pidbox
 from brokerlib import (
-    ROOT, connect, poll, require_tool, tail, unique, wait_answering,
+    connect, poll, require_tool, subprocess_env, tail, unique,
+    wait_answering,
 )
 
 pytestmark = pytest.mark.broker
@@ -77,21 +78,6 @@ service.run()
 
 # -- helpers ------------------------------------------------------------------
 
-def isolated_env(**extra) -> dict:
-    """os.environ without the repository root on PYTHONPATH."""
-    env = dict(os.environ)
-    root = os.path.realpath(ROOT)
-    parts = [p for p in env.get('PYTHONPATH', '').split(os.pathsep)
-             if p and os.path.realpath(p) != root]
-    if parts:
-        env['PYTHONPATH'] = os.pathsep.join(parts)
-    else:
-        env.pop('PYTHONPATH', None)
-    env['PYTHONUNBUFFERED'] = '1'
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
 class Nodes:
     """Node processes started from NODE_SCRIPT in a scratch directory."""
 
@@ -110,7 +96,7 @@ class Nodes:
                 [sys.executable, str(self.script), self.url, self.namespace,
                  hostname],
                 log_path=self.workdir / f'{hostname}.log',
-                env=isolated_env(), cwd=str(self.workdir))
+                env=subprocess_env(), cwd=str(self.workdir))
         for hostname in hostnames:
             proc = self.procs[hostname]
             poll(lambda: 'READY' in tail(proc.log_path) or
@@ -672,7 +658,7 @@ def test_flood_of_foreign_replies_keeps_caller_bounded(broker, nodes_for,
     caller = processes(
         [sys.executable, str(script), url, nodes.namespace, node,
          str(stopfile), str(FLOOD_REPLIES)],
-        log_path=tmp_path / 'caller.log', env=isolated_env(),
+        log_path=tmp_path / 'caller.log', env=subprocess_env(),
         cwd=str(tmp_path))
 
     def lines():

@@ -18,7 +18,7 @@ import pytest
 import pidbox
 from brokerlib import (
     HERE, connect, require, service_args, subprocess_env, tail, terminate,
-    unique,
+    unique, wait_for_fleet,
 )
 
 pytestmark = pytest.mark.broker
@@ -72,26 +72,10 @@ def fleet(request, tmp_path_factory):
             proc.log_path = log_path
             procs.append(proc)
         fleet = Fleet(url, namespace, hostnames, procs)
-        _wait_for_fleet(fleet)
+        wait_for_fleet(fleet, READY_DEADLINE)
         yield fleet
     finally:
         terminate(*procs)
-
-
-def _wait_for_fleet(fleet):
-    pending = set(fleet.hostnames)
-    end = monotonic() + READY_DEADLINE
-    with connect(fleet.url) as conn:
-        client = fleet.mailbox()(conn)
-        while pending:
-            if any(p.poll() is not None for p in fleet.procs):
-                pytest.fail(f'node processes exited:\n{fleet.logs()}')
-            if monotonic() > end:
-                pytest.fail(f'{len(pending)} of {NODES} nodes never answered '
-                            f'within {READY_DEADLINE}s: {sorted(pending)[:5]}')
-            for reply in client.call(sorted(pending), 'ping',
-                                     timeout=2.0) or ():
-                pending.difference_update(reply)
 
 
 def test_multi_call_gets_every_reply(fleet):

@@ -30,7 +30,8 @@ import pytest
 
 import pidbox
 from brokerlib import (
-    ROOT, connect, require, service_args, tail, terminate, unique,
+    connect, require, service_args, subprocess_env, tail, terminate, unique,
+    wait_for_fleet,
 )
 
 pytestmark = pytest.mark.broker
@@ -45,21 +46,6 @@ CAST_EXPIRES = 600.0
 #: falling minutes behind (Redis drops pub/sub clients whose output buffer
 #: overflows)
 BARRIER = 500
-
-
-def isolated_env(**extra) -> dict:
-    """os.environ without the repository root on PYTHONPATH."""
-    env = dict(os.environ)
-    root = os.path.realpath(ROOT)
-    parts = [p for p in env.get('PYTHONPATH', '').split(os.pathsep)
-             if p and os.path.realpath(p) != root]
-    if parts:
-        env['PYTHONPATH'] = os.pathsep.join(parts)
-    else:
-        env.pop('PYTHONPATH', None)
-    env['PYTHONUNBUFFERED'] = '1'
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
 
 
 def proc_status(pid, field):
@@ -117,30 +103,14 @@ def fleet(request, tmp_path_factory):
                 proc = subprocess.Popen(
                     service_args(url, hostname, namespace),
                     stdout=log, stderr=subprocess.STDOUT, cwd=str(workdir),
-                    env=isolated_env(), start_new_session=True)
+                    env=subprocess_env(), start_new_session=True)
             proc.log_path = log_path
             procs.append(proc)
         fleet = Fleet(request.param, url, namespace, hostnames, procs)
-        _wait_for_fleet(fleet)
+        wait_for_fleet(fleet, READY_DEADLINE)
         yield fleet
     finally:
         terminate(*procs)
-
-
-def _wait_for_fleet(fleet):
-    pending = set(fleet.hostnames)
-    end = monotonic() + READY_DEADLINE
-    with connect(fleet.url) as conn:
-        client = fleet.mailbox()(conn)
-        while pending:
-            if any(p.poll() is not None for p in fleet.procs):
-                pytest.fail(f'node processes exited:\n{fleet.logs()}')
-            if monotonic() > end:
-                pytest.fail(f'{len(pending)} of {NODES} nodes never answered '
-                            f'within {READY_DEADLINE}s: {sorted(pending)[:5]}')
-            for reply in client.call(sorted(pending), 'ping',
-                                     timeout=2.0) or ():
-                pending.difference_update(reply)
 
 
 def glob_patterns(hostnames):
