@@ -7,6 +7,7 @@ import queue
 import re
 import socket
 import threading
+import time
 
 from kombu import Connection
 from kombu.utils.uuid import uuid
@@ -97,3 +98,13 @@ def drain_queue(q):
             items.append(q.get_nowait())
         except queue.Empty:
             return items
+
+
+def serve(conn, seconds=0.5):
+    """Drain events for a while (nodes and callers share one connection)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            conn.drain_events(timeout=0.02)
+        except OSError:
+            pass

@@ -12,20 +12,11 @@ from kombu import Connection, Producer
 from kombu.exceptions import EncodeError
 
 import pidbox
+from memory_nodes import serve
 from pidbox.exceptions import ROUTE_HEADER
 from pidbox.replies import Unclaimed
 
 pytestmark = pytest.mark.usefixtures('core')
-
-
-def serve(conn, seconds=0.5):
-    """Drain events for a while (nodes and callers share one connection)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            conn.drain_events(timeout=0.02)
-        except OSError:
-            pass
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ import base64
 import datetime
 import logging
 import pickle
-import time
 import uuid
 
 import pytest
@@ -26,6 +25,7 @@ from kombu.serialization import (
 )
 
 import pidbox
+from memory_nodes import serve
 
 pytestmark = pytest.mark.usefixtures('core')
 
@@ -37,15 +37,6 @@ YAML_CT = 'application/x-yaml'
 
 def unique(prefix):
     return f'{prefix}-{uuid.uuid4().hex[:10]}'
-
-
-def serve(conn, seconds=0.3):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            conn.drain_events(timeout=0.02)
-        except OSError:
-            pass
 
 
 @pytest.fixture

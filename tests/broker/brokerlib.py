@@ -266,3 +266,13 @@ def poll(predicate, deadline, interval=0.25, message='condition'):
         if monotonic() > end:
             pytest.fail(f'{message} not reached within {deadline}s')
         sleep(interval)
+
+
+def merge(replies):
+    """``[{host: value}, ...]`` -> ``{host: value}``, refusing duplicates."""
+    merged = {}
+    for reply in replies or ():
+        for host, value in reply.items():
+            assert host not in merged, f'two replies from {host}: {replies}'
+            merged[host] = value
+    return merged

@@ -29,7 +29,7 @@ import pytest
 
 import pidbox
 from brokerlib import (
-    connect, poll, require_tool, subprocess_env, tail, unique,
+    connect, merge, poll, require_tool, subprocess_env, tail, unique,
     wait_answering,
 )
 
@@ -121,15 +121,6 @@ def nodes_for(processes, tmp_path):
     def make(url):
         return Nodes(processes, tmp_path, url, unique('fault'))
     return make
-
-
-def merge(replies):
-    merged = {}
-    for reply in replies or ():
-        for host, value in reply.items():
-            assert host not in merged, f'two replies from {host}: {replies}'
-            merged[host] = value
-    return merged
 
 
 BROKERS = ['redis', 'amqp']

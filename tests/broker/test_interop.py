@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from brokerlib import (
-    connect, mailbox_class, serializer_opts, unique, wait_answering,
+    connect, mailbox_class, merge, serializer_opts, unique, wait_answering,
 )
 
 pytestmark = pytest.mark.broker
@@ -40,16 +40,6 @@ class Cluster:
         merged = merge(replies)
         assert set(merged) == set(self.hostnames), replies
         return merged
-
-
-def merge(replies):
-    """``[{host: value}, ...]`` -> ``{host: value}``, refusing duplicates."""
-    merged = {}
-    for reply in replies or ():
-        for host, value in reply.items():
-            assert host not in merged, f'two replies from {host}: {replies}'
-            merged[host] = value
-    return merged
 
 
 def start_cluster(broker, serializer, pairing, node_threads,
