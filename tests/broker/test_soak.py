@@ -30,8 +30,8 @@ import pytest
 
 import pidbox
 from brokerlib import (
-    connect, require, service_args, subprocess_env, tail, terminate, unique,
-    wait_for_fleet,
+    connect, merge, require, service_args, subprocess_env, tail, terminate,
+    unique, wait_for_fleet,
 )
 
 pytestmark = pytest.mark.broker
@@ -57,15 +57,6 @@ def proc_status(pid, field):
     except OSError:
         return None
     return None
-
-
-def merge(replies):
-    merged = {}
-    for reply in replies or ():
-        for host, value in reply.items():
-            assert host not in merged, f'two replies from {host}: {replies}'
-            merged[host] = value
-    return merged
 
 
 class Fleet:
