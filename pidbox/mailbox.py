@@ -43,6 +43,16 @@ PUBLISH_RETRY_POLICY = {'max_retries': 3, 'interval_start': 0,
 _call_started = threading.local()
 
 
+def channel_is_gone(channel) -> bool:
+    """True when ``channel`` was closed or torn down with its connection.
+
+    py-amqp's channel says so with ``is_open`` and, once collected, loses its
+    ``connection``; kombu's virtual channels never lose theirs.
+    """
+    return (getattr(channel, 'is_open', True) is False or
+            getattr(channel, 'connection', True) is None)
+
+
 class Mailbox:
     """Process mailbox: broadcast commands to nodes and collect replies.
 
@@ -191,6 +201,14 @@ class Mailbox:
     def _publish_reply(self, reply, exchange, routing_key, ticket,
                        channel=None, producer=None, **opts):
         chan = channel or self.connection.default_channel
+        if producer is None and channel_is_gone(chan):
+            # The broker closed the connection while the request was being
+            # handled (py-amqp still hands over deliveries it had read): a
+            # connection error, so the consumer loop reconnects, instead of
+            # an AttributeError from deep inside py-amqp.
+            raise ConnectionError(
+                f'pidbox: cannot send the reply for ticket {ticket} to '
+                f'{exchange}/{routing_key}: the channel is closed')
         exchange = Exchange(exchange, exchange_type='direct',
                             delivery_mode='transient',
                             durable=False)
@@ -357,7 +375,7 @@ class Mailbox:
         router = routers.get(key)
         if router is None or router.channel is not chan:
             for stale in [k for k, r in routers.items()
-                          if not getattr(r.channel, 'is_open', True)]:
+                          if channel_is_gone(r.channel)]:
                 del routers[stale]
             router = routers[key] = ReplyRouter(self.unclaimed, self.clock)
             router.channel = chan

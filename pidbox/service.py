@@ -19,6 +19,8 @@ from typing import Any, Callable, Mapping
 from kombu import Connection
 from kombu.mixins import ConsumerMixin
 
+from .mailbox import channel_is_gone
+
 __all__ = ('NodeService', 'example_handlers', 'main')
 
 logger = logging.getLogger(__name__)
@@ -67,7 +69,7 @@ class NodeService(ConsumerMixin):
         # place, leaving the consumer on a dead channel that only times out:
         # make the mixin reconnect and consume again.
         channel = self.node.channel
-        if channel is not None and not getattr(channel, 'is_open', True):
+        if channel is not None and channel_is_gone(channel):
             raise OSError(f'pidbox: channel of node {self.hostname} closed')
 
     def on_connection_error(self, exc, interval):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
+import threading
 import warnings
+from time import monotonic
 
 import pytest
 from kombu.exceptions import InconsistencyError
@@ -144,3 +147,93 @@ def test_same_hostname_twice_unbound_mailbox_on_rabbitmq(amqp_url):
                     node.listen(callback=lambda body, message: None)
         finally:
             consumer.cancel()
+
+
+def test_reply_on_a_torn_down_amqp_channel_is_a_connection_error(
+        amqp_url, core):
+    """A delivery py-amqp hands over after the broker closed the connection.
+
+    When RabbitMQ shuts a connection down, py-amqp can still dispatch a
+    delivery it had read while kombu tears the channels down; the reply then
+    has no channel.  The node must raise a connection error (which a
+    consumer loop such as kombu's ConsumerMixin reconnects on), not the
+    AttributeError py-amqp would raise, which ended NodeService processes.
+    """
+    namespace = unique('gone')
+    hostname = f'gone.{namespace}'
+    mailbox = pidbox.Mailbox(namespace, type='fanout')
+    with connect(amqp_url) as node_conn, connect(amqp_url) as client_conn:
+        node = mailbox(node_conn).Node(
+            hostname, handlers={'ping': lambda state: 'pong'})
+        node.channel = node_conn.channel()
+        consumer = node.listen()
+        assert consumer.on_message is not None   # the core's raw handler
+        handler, delivered = consumer.on_message, []
+        consumer.on_message = delivered.append
+
+        mailbox(client_conn)._publish('ping', {}, destination=[hostname],
+                                      reply_ticket='t-gone')
+        end = monotonic() + DEADLINE
+        while not delivered and monotonic() < end:
+            try:
+                node_conn.drain_events(timeout=0.2)
+            except socket.timeout:
+                pass
+        assert delivered, 'the request never reached the node'
+
+        node_conn.collect()   # what kombu does when the connection dies
+        assert node.channel.connection is None
+        with pytest.raises(ConnectionError,
+                           match='reply for ticket t-gone.*channel is '
+                                 'closed'):
+            handler(delivered[0])
+
+
+def test_service_reconnects_when_its_connection_dies_mid_request(
+        amqp_url, core):
+    """NodeService outlives the race above: it reconnects and answers."""
+    from kombu import Connection
+
+    from pidbox.service import NodeService
+
+    namespace = unique('vanish')
+    hostname = f'vanish.{namespace}'
+    mailbox = pidbox.Mailbox(namespace, type='fanout')
+    ready = []
+
+    def vanish(state):
+        # the broker drops the connection while the handler runs
+        service.node.channel.connection.client.collect()
+        return 'gone'
+
+    service = NodeService(
+        Connection(amqp_url), mailbox, hostname,
+        handlers={'ping': lambda state: 'pong', 'vanish': vanish},
+        on_ready=ready.append)
+    errors = []
+
+    def run():
+        try:
+            service.run()
+        except BaseException as exc:  # noqa: BLE001 - the test reports it
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        poll(lambda: ready or errors, DEADLINE, message='the node ready')
+        with connect(amqp_url) as conn:
+            client = mailbox(conn)
+            assert client.call([hostname], 'ping', timeout=30) == [
+                {hostname: 'pong'}]
+            assert client.call([hostname], 'vanish', timeout=1) == []
+            poll(lambda: len(ready) >= 2 or errors, DEADLINE,
+                 message='the node consuming again')
+            assert not errors, errors
+            assert client.call([hostname], 'ping', timeout=30) == [
+                {hostname: 'pong'}]
+        assert thread.is_alive()
+    finally:
+        service.stop()
+        thread.join(30)
+    assert not errors, errors
