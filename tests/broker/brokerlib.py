@@ -156,10 +156,11 @@ class NodeThread(threading.Thread):
         self.join(10)
 
 
-def wait_answering(client, hostnames, deadline=60.0):
+def wait_answering(client, hostnames, deadline=60.0, logs=None):
     """Poll ``ping`` until every node in ``hostnames`` answers.
 
-    ``client`` is a bound mailbox; fails naming the silent nodes.
+    ``client`` is a bound mailbox; fails naming the silent nodes, with what
+    ``logs()`` returns (the nodes' output, say) when it is given.
     """
     pending = set(hostnames)
     end = monotonic() + deadline
@@ -169,7 +170,8 @@ def wait_answering(client, hostnames, deadline=60.0):
             pending.difference_update(reply)
         if pending and monotonic() > end:
             pytest.fail(f'nodes never answered ping within {deadline}s: '
-                        f'{sorted(pending)}')
+                        f'{sorted(pending)}' +
+                        (f'\n{logs()}' if logs is not None else ''))
     return True
 
 

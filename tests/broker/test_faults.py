@@ -41,13 +41,15 @@ READY_DEADLINE = 90.0
 FLOOD_REPLIES = int(os.environ.get('PIDBOX_FLOOD_REPLIES', '200000'))
 
 NODE_SCRIPT = r'''
-import os, signal, sys, time
+import logging, os, signal, sys, time
 from collections import Counter
 from kombu import Connection
 import pidbox
 from pidbox.service import NodeService, example_handlers
 
 url, namespace, hostname = sys.argv[1:4]
+logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                    format='%(asctime)s %(levelname)s %(name)s: %(message)s')
 
 def rss_kb():
     with open('/proc/self/status') as f:
@@ -112,7 +114,7 @@ class Nodes:
         return pidbox.Mailbox(self.namespace, type='fanout')
 
     def logs(self):
-        return '\n'.join(f'--- {h} ---\n{tail(p.log_path, 1500)}'
+        return '\n'.join(f'--- {h} ---\n{tail(p.log_path, 5000)}'
                          for h, p in self.procs.items())
 
 
@@ -432,7 +434,7 @@ def test_rabbitmq_stop_app_start_app_under_nodes_and_clients(
                  message=f'{hostname} reconnect')
         with connect(amqp_url) as conn:
             wait_answering(nodes.mailbox()(conn), hostnames,
-                           deadline=READY_DEADLINE)
+                           deadline=READY_DEADLINE, logs=nodes.logs)
         # callers get full answers again
         end = monotonic() + READY_DEADLINE
         while monotonic() < end and not all(
