@@ -7,6 +7,8 @@ turns their failures into :class:`MalformedRequest` errors that name a field.
 
 from __future__ import annotations
 
+import os
+import posixpath
 import re
 
 from kombu import matcher as _matchers
@@ -152,6 +154,12 @@ def decode_span(loads, data, spans: dict, key: str):
                                ) from None
     except Exception as exc:
         raise MalformedRequest(key, f'cannot decode value: {exc!r}') from None
+
+
+#: ``fnmatch`` compares names as given (``os.path.normcase`` leaves them
+#: alone): the cores may match globs themselves.  Elsewhere (Windows lowers
+#: the case) they leave it to kombu's matcher, which calls ``fnmatch``.
+GLOB_AS_IS = os.path.normcase is posixpath.normcase
 
 
 def generic_match(hostname: str, pattern, matcher) -> bool:

@@ -29,8 +29,8 @@ from fnmatch import fnmatch, translate
 from kombu import matcher as _matchers
 
 from ._codec import (  # the skim shares the depth check's regexes
-    _STRING_TAIL, _STRUCTURE, JSON_CT, MSGPACK_CT, MSGPACK_DECODER,
-    decode_span, error_reply,
+    _STRING_TAIL, _STRUCTURE, GLOB_AS_IS, JSON_CT, MSGPACK_CT,
+    MSGPACK_DECODER, decode_span, error_reply,
     generic_match, json_text, kombu_json_loads, load, native_json,
     native_msgpack, short,
 )
@@ -321,7 +321,8 @@ class Dispatcher:
         if pattern and matcher:
             if type(pattern) is str and type(matcher) is str:
                 registered = _matchers.registry._matchers
-                if matcher == 'glob' and registered.get('glob') is fnmatch:
+                if matcher == 'glob' and GLOB_AS_IS and \
+                        registered.get('glob') is fnmatch:
                     rx = _glob_cache.get(pattern)
                     if rx is None:
                         rx = _compiled(_glob_cache, pattern,

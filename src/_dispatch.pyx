@@ -4,8 +4,11 @@
 The same algorithm as the pure twin ``pidbox/_dispatch_py.py``, statement for
 statement (read that module's docstring first); here the skimming walks the
 JSON text and the msgpack bytes in C without building a single Python object
-for the values it skips.  Errors and slow paths are shared with the twin
-through ``pidbox._codec`` and ``pidbox.exceptions``.
+for the values it skips, a destination list is searched with a length check
+and a memcmp per name, and a glob of ``*``, ``?`` and text is matched by a
+wildcard walk instead of ``fnmatch``'s regex (the differential tests hold
+both to the twin's and ``fnmatch``'s answers).  Errors and slow paths are
+shared with the twin through ``pidbox._codec`` and ``pidbox.exceptions``.
 """
 
 import json
@@ -18,7 +21,7 @@ from kombu.clocks import LamportClock
 from kombu.serialization import registry as _kombu_serializers
 
 from pidbox._codec import (
-    JSON_CT, MAX_JSON_DEPTH, MSGPACK_CT, MSGPACK_DECODER, call_handler,
+    GLOB_AS_IS, JSON_CT, MAX_JSON_DEPTH, MSGPACK_CT, MSGPACK_DECODER, call_handler,
     check_json_depth,
     decode_span,
     error_reply, generic_match, json_text, kombu_json_loads, load,
@@ -31,6 +34,9 @@ from pidbox.exceptions import (
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_GetItem
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.object cimport PyObject_RichCompareBool, Py_EQ
+from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from cpython.method cimport PyMethod_Check, PyMethod_GET_FUNCTION, PyMethod_GET_SELF
 from cpython.object cimport PyObject
 from cpython.unicode cimport PyUnicode_DecodeUTF8
@@ -61,6 +67,52 @@ cdef object _compiled(dict cache, str pattern, str source):
     rx = re.compile(source)
     cache[pattern] = rx
     return rx
+
+
+cdef int _wildcard_match(str name, str pattern):
+    """``fnmatchcase(name, pattern)`` for patterns of ``*``, ``?`` and text.
+
+    1 or 0; -1 when the pattern holds ``[`` (a character class: the caller
+    uses ``fnmatch.translate``'s regex).  ``translate`` makes ``*`` ``.*``
+    and ``?`` ``.`` under DOTALL and escapes everything else, anchored at
+    both ends: so this is the two-pointer wildcard match that backs up to
+    the last ``*`` on a mismatch, over code points.
+    """
+    if name is None:
+        return -1
+    cdef Py_ssize_t n = PyUnicode_GET_LENGTH(name)
+    cdef Py_ssize_t m = PyUnicode_GET_LENGTH(pattern)
+    cdef int nkind = PyUnicode_KIND(name)
+    cdef int pkind = PyUnicode_KIND(pattern)
+    cdef void* ndata = PyUnicode_DATA(name)
+    cdef void* pdata = PyUnicode_DATA(pattern)
+    cdef Py_ssize_t i = 0, j = 0, star = -1, resume = 0
+    cdef Py_UCS4 c
+    for j in range(m):
+        if PyUnicode_READ(pkind, pdata, j) == 91:   # '['
+            return -1
+    j = 0
+    while i < n:
+        if j < m:
+            c = PyUnicode_READ(pkind, pdata, j)
+            if c == 42:   # '*'
+                star = j
+                resume = i
+                j += 1
+                continue
+            if c == 63 or c == PyUnicode_READ(nkind, ndata, i):   # '?'
+                i += 1
+                j += 1
+                continue
+        if star < 0:
+            return 0
+        # let the last '*' take one more character, and go on after it
+        j = star + 1
+        resume += 1
+        i = resume
+    while j < m and PyUnicode_READ(pkind, pdata, j) == 42:
+        j += 1
+    return j == m
 
 
 # -- JSON skimming ---------------------------------------------------------
@@ -720,6 +772,47 @@ cdef int _mp_has_name(const unsigned char* b, Py_ssize_t start,
     return found if pos == end else -1
 
 
+cdef int _name_in(str name, object names) except -1:
+    """``name in names``: a length check and a memcmp per exact str item.
+
+    Python's ``in`` compares through the full rich comparison for every
+    item; the destination of a revoke may name a hundred nodes.  Items that
+    are not exact strings are compared as ``in`` compares them.
+    """
+    if name is None:   # a Node may be named None
+        return name in names
+    cdef Py_ssize_t i, size
+    cdef Py_ssize_t length = PyUnicode_GET_LENGTH(name)
+    cdef int kind = PyUnicode_KIND(name)
+    cdef void* data = PyUnicode_DATA(name)
+    cdef object item
+    cdef bint is_list = type(names) is list
+    if not is_list and type(names) is not tuple:
+        return name in names
+    i = 0
+    while True:
+        # re-read the size: an item's __eq__ may change a list
+        if is_list:
+            if i >= PyList_GET_SIZE(names):
+                return 0
+            item = <object>PyList_GET_ITEM(names, i)
+        else:
+            if i >= PyTuple_GET_SIZE(names):
+                return 0
+            item = <object>PyTuple_GET_ITEM(names, i)
+        if item is name:
+            return 1
+        if type(item) is str:
+            # equal strings have equal kinds (PEP 393 keeps them canonical)
+            if PyUnicode_GET_LENGTH(item) == length and \
+                    PyUnicode_KIND(item) == kind and \
+                    memcmp(PyUnicode_DATA(item), data, length * kind) == 0:
+                return 1
+        elif PyObject_RichCompareBool(item, name, Py_EQ):
+            return 1
+        i += 1
+
+
 # -- request shape ---------------------------------------------------------
 
 cpdef object validate(object body):
@@ -778,9 +871,10 @@ cdef class Dispatcher:
                          object matcher) except -1:
         """kombu's rule: destination first, then pattern+matcher, else all."""
         cdef str hostname = self.hostname
+        cdef int found
         if destination:
             try:
-                return hostname in destination
+                return _name_in(hostname, destination)
             except TypeError:
                 raise MalformedRequest(
                     'destination', f'expected a list of node names, got '
@@ -788,7 +882,11 @@ cdef class Dispatcher:
         if pattern and matcher:
             if type(pattern) is str and type(matcher) is str:
                 registered = _matchers.registry._matchers
-                if matcher == 'glob' and registered.get('glob') is fnmatch:
+                if matcher == 'glob' and GLOB_AS_IS and \
+                        registered.get('glob') is fnmatch:
+                    found = _wildcard_match(hostname, pattern)
+                    if found >= 0:
+                        return found
                     rx = _glob_cache.get(pattern)
                     if rx is None:
                         rx = _compiled(_glob_cache, pattern,
@@ -972,17 +1070,39 @@ cpdef object run(object node, object request):
 cdef object _lamport_adjust = LamportClock.adjust
 
 
-cdef inline void _adjust_lamport(object clock, object other) except *:
-    """``LamportClock.adjust(other)`` without its Python frame."""
-    mutex = clock.mutex
-    mutex.acquire()
-    try:
-        value = clock.value
-        if other > value:
-            value = other
-        clock.value = value + 1
-    finally:
-        mutex.release()
+cdef class _Lamport:
+    """``LamportClock.adjust(other)`` without its Python frame.
+
+    Holds the clock's lock methods while the clock keeps the same lock, so a
+    message costs one attribute read, the two lock calls and the value
+    update, as kombu's ``adjust`` does it under the same lock.
+    """
+
+    cdef object clock
+    cdef object mutex
+    cdef object acquire
+    cdef object release
+
+    def __cinit__(self, clock):
+        self.clock = clock
+        self.mutex = None
+
+    cdef inline int adjust(self, object other) except -1:
+        clock = self.clock
+        mutex = clock.mutex
+        if mutex is not self.mutex:
+            self.acquire = mutex.acquire
+            self.release = mutex.release
+            self.mutex = mutex
+        self.acquire()
+        try:
+            value = clock.value
+            if other > value:
+                value = other
+            clock.value = value + 1
+        finally:
+            self.release()
+        return 0
 
 
 cdef class RawHandler:
@@ -1000,7 +1120,7 @@ cdef class RawHandler:
     cdef readonly object callbacks
     cdef readonly object callback
     cdef object adjust      # node.adjust_clock as it was at creation
-    cdef object clock       # its LamportClock, when adjust is kombu's own
+    cdef _Lamport clock     # its LamportClock, when adjust is kombu's own
 
     def __init__(self, node, Dispatcher dispatcher, consumer=None):
         self.node = node
@@ -1010,7 +1130,7 @@ cdef class RawHandler:
         self.clock = None
         if getattr(adjust, '__func__', None) is _lamport_adjust and \
                 type(adjust.__self__) is LamportClock:
-            self.clock = adjust.__self__
+            self.clock = _Lamport(adjust.__self__)
         # the consumer's callback list as listen() made it: while it stays
         # so, skip kombu's decode; once someone changes it, honour it
         self.callbacks = None if consumer is None else consumer.callbacks
@@ -1033,7 +1153,7 @@ cdef class RawHandler:
             clock = 0
         adjust = node.adjust_clock
         if adjust is self.adjust and self.clock is not None:
-            _adjust_lamport(self.clock, clock)
+            self.clock.adjust(clock)
         else:
             adjust(clock)
         try:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import importlib.machinery
+import fnmatch
 import inspect
 import json
 import os
@@ -766,6 +767,125 @@ def test_addressed_on_python_values(hostname, data):
     except Exception:
         return
     assert result == ('ok', bool, repr(wanted))
+
+
+# The compiled core matches globs of '*', '?' and text itself (a wildcard
+# walk over code points); these make patterns and names from a small
+# alphabet so that most pairs nearly match, and compare with fnmatch.
+GLOB_CHARS = 'ab*?.\n\u00e9\U0001f600'
+GLOB_NAMES = st.text(alphabet='ab.\n\u00e9\U0001f600', max_size=10)
+GLOB_PATTERNS = st.text(alphabet=GLOB_CHARS, max_size=8)
+
+
+@settings(SETTINGS, max_examples=examples(2000))
+@given(GLOB_NAMES, GLOB_PATTERNS)
+def test_glob_matching_is_fnmatch(hostname, pattern):
+    result = same(lambda core: core.Dispatcher(hostname, None).addressed(
+        None, pattern, 'glob'), 'glob')
+    # an empty pattern addresses every node (kombu's rule)
+    wanted = fnmatch.fnmatch(hostname, pattern) if pattern else True
+    assert result == ('ok', bool, repr(wanted)), (hostname, pattern)
+
+
+@pytest.mark.parametrize('hostname,pattern,wanted', [
+    ('worker-7@host', 'worker-*@host', True),
+    ('worker-7@host', 'worker-?@host', True),
+    ('worker-17@host', 'worker-?@host', False),
+    ('abcabd', '*abd', True),           # backs up to the star
+    ('aaaaaaaaaaaaaaaaaaab', '*a*a*a*a*a*a*b', True),
+    ('aaaaaaaaaaaaaaaaaaaa', '*a*a*a*a*a*a*b', False),
+    ('a\nb', 'a?b', True),              # '?' is DOTALL's '.'
+    ('a\nb', 'a*', True),
+    ('', '*', True),
+    ('x', '**', True),
+    ('ab', 'a', False),                 # anchored at the end
+    ('ab', 'b', False),                 # and at the start
+    ('w1', 'w[0-9]', True),             # a class: fnmatch's regex
+    ('w1', 'w[!0-9]', False),
+    ('w.1', 'w.?', True),               # '.' is a character, not a regex
+    ('w+1', 'w+1', True),
+    ('\u00e9t\u00e9', '\u00e9*', True),
+    ('x\U0001f600y', 'x?y', True),
+])
+def test_glob_examples(core, hostname, pattern, wanted):
+    assert fnmatch.fnmatch(hostname, pattern) is wanted
+    assert core.Dispatcher(hostname, None).addressed(
+        None, pattern, 'glob') is wanted
+
+
+class EqAlways(str):
+    """A str subclass that claims equality with everything."""
+
+    def __eq__(self, other):
+        return True
+
+    __hash__ = str.__hash__
+
+
+class EqNever(str):
+    """A str subclass equal to nothing, not even the same text."""
+
+    def __eq__(self, other):
+        return False
+
+    __hash__ = str.__hash__
+
+
+class EqRaises:
+    def __eq__(self, other):
+        raise ValueError('no comparing me')
+
+
+class EqShrinks:
+    """Empties the destination list it sits in when compared."""
+
+    def __init__(self, names):
+        self.names = names
+
+    def __eq__(self, other):
+        del self.names[:]
+        return False
+
+
+def _shrinking(hostname):
+    names = ['a', 'b']
+    names[1:1] = [EqShrinks(names)]
+    names.append(hostname)
+    return names
+
+
+ODD_DESTINATIONS = {
+    'equal text, other object': lambda h: ['x', ''.join(list(h))],
+    'non-ascii names': lambda h: ['\u00e9t\u00e9', 'w\u2603', h + '\U0001f600'],
+    'same length, other text': lambda h: [h[:-1] + '#', h[::-1]],
+    'prefix and suffix': lambda h: [h[:-1], h + 'x', 'x' + h],
+    'tuple': lambda h: ('x', h),
+    'subclass claims equal': lambda h: [EqAlways('nobody')],
+    'subclass denies equal': lambda h: [EqNever(h)],
+    'item whose __eq__ raises': lambda h: ['x', EqRaises(), h],
+    'item that empties the list': _shrinking,
+    'ints and None': lambda h: [1, None, 2.5, h],
+    'bytes of the name': lambda h: [h.encode()],
+    'list subclass': lambda h: type('L', (list,), {})(['x', h]),
+    'str destination': lambda h: 'x' + h + 'x',
+}
+
+
+@pytest.mark.parametrize('hostname', ['w1', 'worker-7@host.example.com',
+                                      '\u00e9t\u00e9', 'w\U0001f600'])
+@pytest.mark.parametrize('name', sorted(ODD_DESTINATIONS))
+def test_addressed_on_odd_destinations(hostname, name):
+    """The compiled destination scan answers as ``hostname in destination``."""
+    def run(core):
+        return core.Dispatcher(hostname, None).addressed(
+            ODD_DESTINATIONS[name](hostname), None, None)
+    result = same(run, 'addressed')
+    wanted = outcome(lambda: kombu_addressed(
+        hostname, {'destination': ODD_DESTINATIONS[name](hostname)}))
+    if wanted[0] == 'ok':
+        assert result == wanted
+    else:   # kombu's error surfaces unchanged or as MalformedRequest
+        assert result[0] == 'raise'
 
 
 @SETTINGS
