@@ -1013,7 +1013,7 @@ cdef class Dispatcher:
                 return None
             if found == 0:
                 return None
-            return validate(load(data, MSGPACK_CT))
+            return validate(_msgpack_load(data))
         return self.route(load(body, ct))
 
 
@@ -1048,6 +1048,55 @@ cdef inline object _header(object headers, object name):
 
 
 cdef object _node_logger = logging.getLogger('pidbox.node')
+
+try:
+    import msgpack as _msgpack
+    _unpackb = _msgpack.unpackb if _msgpack.version >= (0, 4) else None
+except ImportError:
+    _unpackb = None
+
+
+cdef object _msgpack_load(bytes data):
+    """``load(data, MSGPACK_CT)`` without the registry lookup.
+
+    Only while kombu's own msgpack decoder is registered (the caller checks
+    :func:`native_msgpack`); that decoder is ``unpackb(s, raw=False)``.
+    """
+    if _unpackb is None:
+        return load(data, MSGPACK_CT)
+    try:
+        return _unpackb(data, raw=False)
+    except RecursionError:
+        raise MalformedRequest(
+            'body', f'cannot decode {MSGPACK_CT}: nested too deeply'
+        ) from None
+    except Exception as exc:
+        raise MalformedRequest(
+            'body', f'cannot decode {MSGPACK_CT}: {exc!r}') from None
+
+
+#: (name, function) pairs a node's class must still hold, and its instance
+#: must not shadow, for Node._run to call run(): Node's own dispatch
+#: methods (pidbox.node._DEFAULT_DISPATCH), _run and its check.
+cdef tuple _RUN_CHECKS = None
+
+
+cdef bint _runs_here(object node) except -1:
+    """True when ``node._run(request)`` would be ``run(node, request)``."""
+    global _RUN_CHECKS
+    if _RUN_CHECKS is None:
+        from pidbox.node import _DEFAULT_DISPATCH, Node
+        _RUN_CHECKS = tuple(_DEFAULT_DISPATCH) + tuple(
+            (name, Node.__dict__[name])
+            for name in ('_run', '_has_default_dispatch'))
+    cls = type(node)
+    instance = getattr(node, '__dict__', None)
+    for name, function in _RUN_CHECKS:
+        if getattr(cls, name, None) is not function:
+            return False
+        if instance is not None and name in instance:
+            return False
+    return True
 
 
 cpdef object run(object node, object request):
@@ -1172,6 +1221,8 @@ cdef class RawHandler:
         if headers and headers.get('expires') and \
                 node._expired(headers, request.get('reply_to')):
             return None
+        if _runs_here(node):
+            return run(node, request)
         return node._run(request)
 
     def decode_error(self, message, exc):

@@ -270,3 +270,38 @@ def test_dispatch_patched_on_the_class_after_listen_is_used(bound):
     assert bound.call(['a'], 'add', {'x': 1, 'y': 1}, timeout=2) == [
         {'a': 2}]
     assert seen == ['add']
+
+
+def test_run_replaced_on_the_instance_after_listen_is_used(bound):
+    node = make_node(bound, 'a', add=lambda state, x, y: x + y)
+    seen = []
+    original = node._run
+
+    def spy(request):
+        seen.append(request['method'])
+        return original(request)
+
+    node._run = spy
+    assert bound.call(['a'], 'add', {'x': 2, 'y': 3}, timeout=2) == [
+        {'a': 5}]
+    assert seen == ['add']
+    del node._run
+    assert bound.call(['a'], 'add', {'x': 1, 'y': 1}, timeout=2) == [
+        {'a': 2}]
+    assert seen == ['add']
+
+
+def test_run_overridden_in_a_subclass_is_used(bound, monkeypatch):
+    seen = []
+
+    class Audited(pidbox.Node):
+        def _run(self, request):
+            seen.append(request['method'])
+            return super()._run(request)
+
+    monkeypatch.setattr(bound, 'node_cls', Audited)
+    node = make_node(bound, 'a', add=lambda state, x, y: x + y)
+    assert type(node) is Audited
+    assert bound.call(['a'], 'add', {'x': 2, 'y': 3}, timeout=2) == [
+        {'a': 5}]
+    assert seen == ['add']
