@@ -39,7 +39,8 @@ from .exceptions import (
     DecodeError, MalformedRequest,
 )
 
-__all__ = ('Dispatcher', 'RawHandler', 'validate', 'execute', 'run')
+__all__ = ('Dispatcher', 'RawHandler', 'PayloadFilter', 'validate', 'execute',
+           'run')
 
 logger = logging.getLogger('pidbox.dispatch')
 
@@ -478,13 +479,7 @@ class RawHandler:
                 return self.receive_decoded(message)
         node = self.node
         headers = message.headers
-        clock = headers.get('clock') if headers else None
-        if type(clock) is not int:
-            if clock:
-                _node_logger.debug(
-                    'pidbox: ignoring clock header %r: not an integer', clock)
-            clock = 0
-        node.adjust_clock(clock)
+        self.adjust(headers)
         try:
             request = self.dispatcher.decode(
                 message.body, message.content_type, message.content_encoding,
@@ -503,6 +498,52 @@ class RawHandler:
             return None
         return node._run(request)
 
+    def adjust(self, headers):
+        """Adjust the node's clock from a message's ``clock`` header."""
+        clock = headers.get('clock') if headers else None
+        if type(clock) is not int:
+            if clock:
+                _node_logger.debug(
+                    'pidbox: ignoring clock header %r: not an integer', clock)
+            clock = 0
+        self.node.adjust_clock(clock)
+
+    def drop(self, payload) -> bool:
+        """True when a transport payload is for another node: dropped unread.
+
+        kombu's virtual transports (memory, Redis) hand each payload to
+        :class:`PayloadFilter` before they build a Message and decode its
+        body.  Only a well-formed route header that does not address this
+        node drops a payload (after the clock is adjusted, as for every
+        message); anything else, compressed bodies, refused content types and
+        errors included, goes the usual way and is logged there.
+        """
+        consumer = self.consumer
+        if consumer is None or consumer.on_message is not self or \
+                not consumer.no_ack:
+            return False
+        callbacks = consumer.callbacks
+        if callbacks is not self.callbacks or len(callbacks) != 1 or \
+                callbacks[0] is not self.callback:
+            return False
+        if type(payload) is not dict:
+            return False
+        headers = payload.get('headers')
+        if type(headers) is not dict or 'compression' in headers:
+            return False
+        route = headers.get(ROUTE_HEADER)
+        if not (isinstance(route, (list, tuple)) and len(route) == 3):
+            return False
+        dispatcher = self.dispatcher
+        try:
+            dispatcher.check_content_type(payload.get('content-type'))
+            if dispatcher.addressed(route[0], route[1], route[2]):
+                return False
+        except Exception:  # noqa: BLE001 - the usual path reports it
+            return False
+        self.adjust(headers)
+        return True
+
     def decode_error(self, message, exc):
         on_error = getattr(self.consumer, 'on_decode_error', None)
         (on_error or self.node.on_decode_error)(message, exc)
@@ -516,3 +557,23 @@ class RawHandler:
             return None
         self.consumer.receive(body, message)
         return None
+
+
+class PayloadFilter:
+    """A virtual transport's delivery callback with a node's filter before it.
+
+    ``deliver`` is what the channel's ``basic_consume`` registered (it builds
+    the Message and calls the consumer); payloads ``handler.drop`` takes are
+    not for this node and never reach it.
+    """
+
+    __slots__ = ('handler', 'deliver')
+
+    def __init__(self, handler, deliver):
+        self.handler = handler
+        self.deliver = deliver
+
+    def __call__(self, payload):
+        if self.handler.drop(payload):
+            return None
+        return self.deliver(payload)

@@ -10,6 +10,7 @@ from kombu.exceptions import (
     DecodeError, EncodeError, InconsistencyError,
 )
 from kombu.serialization import prepare_accept_content
+from kombu.transport.virtual import Channel as VirtualChannel
 from kombu.utils.functional import reprcall
 
 import pidbox as _api  # Consumer is looked up here so patching pidbox.Consumer works
@@ -138,8 +139,34 @@ class Node:
                 self.hostname, consumer.accept)
             consumer.on_message = self.dispatch_core.RawHandler(
                 self, dispatcher, consumer)
+            consumer.consume()
+            self._filter_payloads(consumer)
+            return consumer
         consumer.consume()
         return consumer
+
+    def _filter_payloads(self, consumer):
+        """On kombu's virtual transports, drop requests for other nodes
+        before the transport builds a Message and decodes the body.
+
+        A virtual channel's ``basic_consume`` registers its delivery callback
+        in the transport's ``_callbacks`` by queue name; the node puts its
+        :class:`PayloadFilter` in front of it (for ``no_ack`` consumers: a
+        dropped payload needs no acknowledgement).  The message for another
+        node is gone after its headers were read, as on the other paths.
+        """
+        channel = consumer.channel
+        if not (consumer.no_ack and isinstance(channel, VirtualChannel)):
+            return
+        callbacks = getattr(channel.connection, '_callbacks', None)
+        if not isinstance(callbacks, dict):
+            return
+        for queue in consumer.queues:
+            deliver = callbacks.get(queue.name)
+            if callable(deliver) and not isinstance(
+                    deliver, self.dispatch_core.PayloadFilter):
+                callbacks[queue.name] = self.dispatch_core.PayloadFilter(
+                    consumer.on_message, deliver)
 
     def dispatch(self, method, arguments=None,
                  reply_to=None, ticket=None, **kwargs):

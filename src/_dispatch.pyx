@@ -49,7 +49,8 @@ cdef extern from "Python.h":
     Py_ssize_t PyUnicode_GET_LENGTH(object o)
     object PyUnicode_Substring(object o, Py_ssize_t start, Py_ssize_t end)
 
-__all__ = ('Dispatcher', 'RawHandler', 'validate', 'execute', 'run')
+__all__ = ('Dispatcher', 'RawHandler', 'PayloadFilter', 'validate', 'execute',
+           'run')
 
 logger = logging.getLogger('pidbox.dispatch')
 
@@ -1168,14 +1169,14 @@ cdef class RawHandler:
     cdef readonly object consumer
     cdef readonly object callbacks
     cdef readonly object callback
-    cdef object adjust      # node.adjust_clock as it was at creation
+    cdef object adjust_fn   # node.adjust_clock as it was at creation
     cdef _Lamport clock     # its LamportClock, when adjust is kombu's own
 
     def __init__(self, node, Dispatcher dispatcher, consumer=None):
         self.node = node
         self.dispatcher = dispatcher
         self.consumer = consumer
-        adjust = self.adjust = node.adjust_clock
+        adjust = self.adjust_fn = node.adjust_clock
         self.clock = None
         if getattr(adjust, '__func__', None) is _lamport_adjust and \
                 type(adjust.__self__) is LamportClock:
@@ -1194,17 +1195,7 @@ cdef class RawHandler:
                 return self.receive_decoded(message)
         node = self.node
         headers = message.headers
-        clock = _header(headers, 'clock')
-        if type(clock) is not int:
-            if clock:
-                _node_logger.debug(
-                    'pidbox: ignoring clock header %r: not an integer', clock)
-            clock = 0
-        adjust = node.adjust_clock
-        if adjust is self.adjust and self.clock is not None:
-            self.clock.adjust(clock)
-        else:
-            adjust(clock)
+        self._adjust(headers)
         try:
             request = self.dispatcher.decode(
                 message.body, message.content_type, message.content_encoding,
@@ -1225,6 +1216,67 @@ cdef class RawHandler:
             return run(node, request)
         return node._run(request)
 
+    cdef int _adjust(self, object headers) except -1:
+        clock = _header(headers, 'clock')
+        if type(clock) is not int:
+            if clock:
+                _node_logger.debug(
+                    'pidbox: ignoring clock header %r: not an integer', clock)
+            clock = 0
+        adjust = self.node.adjust_clock
+        if adjust is self.adjust_fn and self.clock is not None:
+            self.clock.adjust(clock)
+        else:
+            adjust(clock)
+        return 0
+
+    def adjust(self, headers):
+        """Adjust the node's clock from a message's ``clock`` header."""
+        self._adjust(headers)
+
+    cpdef bint drop(self, object payload) except -1:
+        """True when a transport payload is for another node: dropped unread.
+
+        kombu's virtual transports (memory, Redis) hand each payload to
+        :class:`PayloadFilter` before they build a Message and decode its
+        body.  Only a well-formed route header that does not address this
+        node drops a payload (after the clock is adjusted, as for every
+        message); anything else, compressed bodies, refused content types and
+        errors included, goes the usual way and is logged there.
+        """
+        cdef PyObject* found
+        consumer = self.consumer
+        if consumer is None or consumer.on_message is not self or \
+                not consumer.no_ack:
+            return False
+        callbacks = consumer.callbacks
+        if callbacks is not self.callbacks or len(callbacks) != 1 or \
+                callbacks[0] is not self.callback:
+            return False
+        if type(payload) is not dict:
+            return False
+        found = PyDict_GetItem(payload, 'headers')
+        if found == NULL or type(<object>found) is not dict:
+            return False
+        headers = <object>found
+        if PyDict_GetItem(headers, 'compression') != NULL:
+            return False
+        found = PyDict_GetItem(headers, ROUTE_HEADER)
+        if found == NULL:
+            return False
+        route = <object>found
+        if not (isinstance(route, (list, tuple)) and len(route) == 3):
+            return False
+        dispatcher = self.dispatcher
+        try:
+            dispatcher.check_content_type(payload.get('content-type'))
+            if dispatcher.addressed(route[0], route[1], route[2]):
+                return False
+        except Exception:
+            return False
+        self._adjust(headers)
+        return True
+
     def decode_error(self, message, exc):
         on_error = getattr(self.consumer, 'on_decode_error', None)
         (on_error or self.node.on_decode_error)(message, exc)
@@ -1238,3 +1290,24 @@ cdef class RawHandler:
             return None
         self.consumer.receive(body, message)
         return None
+
+
+cdef class PayloadFilter:
+    """A virtual transport's delivery callback with a node's filter before it.
+
+    ``deliver`` is what the channel's ``basic_consume`` registered (it builds
+    the Message and calls the consumer); payloads ``handler.drop`` takes are
+    not for this node and never reach it.
+    """
+
+    cdef readonly RawHandler handler
+    cdef readonly object deliver
+
+    def __init__(self, RawHandler handler, deliver):
+        self.handler = handler
+        self.deliver = deliver
+
+    def __call__(self, payload):
+        if self.handler.drop(payload):
+            return None
+        return self.deliver(payload)

@@ -305,3 +305,97 @@ def test_run_overridden_in_a_subclass_is_used(bound, monkeypatch):
     assert bound.call(['a'], 'add', {'x': 2, 'y': 3}, timeout=2) == [
         {'a': 5}]
     assert seen == ['add']
+
+
+# -- the payload filter on virtual transports --------------------------------
+
+def counting_messages(node):
+    """Count the Messages the node's virtual channel builds."""
+    channel = node.channel
+    built = []
+    message_cls = channel.Message
+
+    class Counting(message_cls):
+        def __init__(self, payload, **kwargs):
+            built.append(payload.get('headers'))
+            super().__init__(payload, **kwargs)
+
+    channel.Message = Counting
+    return built
+
+
+def test_requests_for_other_nodes_are_dropped_before_a_message_is_built(
+        core, bound):
+    seen = []
+    node = make_node(bound, 'a', ping=lambda state: seen.append('a'))
+    callbacks = node.channel.connection._callbacks
+    assert any(isinstance(cb, core.PayloadFilter) for cb in callbacks.values())
+    built = counting_messages(node)
+    clock_before = node.mailbox.clock.value
+
+    bound.cast(['b'], 'ping')                      # for another node
+    bound._broadcast('ping', {}, pattern='z*', matcher='glob')   # ditto
+    bound.cast(['a'], 'ping')                      # for this one
+    serve(bound.connection, 0.3)
+
+    assert seen == ['a']
+    assert len(built) == 1                         # only the one for 'a'
+    # the clock still moved for every message, as kombu's node moves it
+    assert node.mailbox.clock.value >= clock_before + 3
+
+
+def test_what_the_filter_cannot_decide_takes_the_usual_way(bound, caplog):
+    """No route header, compression, a refused type: a Message and a log."""
+    seen = []
+    node = make_node(bound, 'a', ping=lambda state: seen.append('a'))
+    built = counting_messages(node)
+    other = b'{"method": "ping", "arguments": {}, "destination": ["b"]}'
+    with caplog.at_level(logging.WARNING, logger='pidbox'):
+        publish_raw(bound, other)                  # a stock client's
+        publish_raw(bound, other, content_type='application/x-yaml',
+                    headers={ROUTE_HEADER: [['b'], '', '']})
+        publish_raw(bound, other, headers={ROUTE_HEADER: 'not a route'})
+        serve(bound.connection, 0.3)
+    assert seen == []
+    assert len(built) == 3
+    logged = ' '.join(r.getMessage() for r in caplog.records)
+    assert 'x-yaml' in logged
+    assert ROUTE_HEADER in logged
+
+
+def test_compressed_requests_are_not_filtered(bound):
+    seen = []
+    node = make_node(bound, 'a', ping=lambda state: seen.append('a'))
+    built = counting_messages(node)
+    producer = Producer(bound.connection.default_channel)
+    for destination in (['b'], ['a']):
+        producer.publish(
+            {'method': 'ping', 'arguments': {}, 'destination': destination},
+            exchange=bound.exchange.name, routing_key='', serializer='json',
+            compression='zlib',
+            headers={ROUTE_HEADER: [destination, '', '']})
+    serve(bound.connection, 0.3)
+    assert seen == ['a']
+    assert len(built) == 2
+
+
+def test_changed_consumer_callbacks_see_every_message(bound):
+    """A callback added after listen() gets what kombu would give it."""
+    node = make_node(bound, 'a', ping=lambda state: None)
+    got = []
+    node_consumer = next(iter(
+        node.channel.connection._callbacks.values())).handler.consumer
+    node_consumer.callbacks.append(lambda body, message: got.append(body))
+    bound.cast(['b'], 'ping')
+    serve(bound.connection, 0.3)
+    assert [body['destination'] for body in got] == [['b']]
+
+
+def test_replaced_on_message_sees_every_message(bound):
+    node = make_node(bound, 'a', ping=lambda state: None)
+    handler = next(iter(node.channel.connection._callbacks.values())).handler
+    got = []
+    handler.consumer.on_message = got.append
+    bound.cast(['b'], 'ping')
+    serve(bound.connection, 0.3)
+    assert len(got) == 1

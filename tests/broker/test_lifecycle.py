@@ -237,3 +237,44 @@ def test_service_reconnects_when_its_connection_dies_mid_request(
         service.stop()
         thread.join(30)
     assert not errors, errors
+
+
+def test_redis_node_drops_requests_for_others_before_a_message(
+        redis_url, core):
+    """The payload filter sits in front of kombu's Redis delivery callback."""
+    namespace = unique('filter')
+    mailbox = pidbox.Mailbox(namespace, type='fanout')
+    seen, built = [], []
+    with connect(redis_url) as node_conn, connect(redis_url) as client_conn:
+        node = mailbox(node_conn).Node(
+            f'a.{namespace}', handlers={'ping': lambda state: seen.append(1)})
+        node.channel = node_conn.channel()
+        message_cls = node.channel.Message
+
+        class Counting(message_cls):
+            def __init__(self, payload, **kwargs):
+                built.append(payload['headers'].get('pidbox-route'))
+                super().__init__(payload, **kwargs)
+        node.channel.Message = Counting
+        node.listen()
+        assert any(isinstance(cb, core.PayloadFilter)
+                   for cb in node_conn.transport._callbacks.values())
+
+        # Redis fanout is PUB/SUB: the node subscribes on its first poll
+        for _ in range(3):
+            try:
+                node_conn.drain_events(timeout=0.1)
+            except socket.timeout:
+                pass
+        client = mailbox(client_conn)
+        for _ in range(3):
+            client.cast([f'b.{namespace}'], 'ping')
+        client.cast([f'a.{namespace}'], 'ping')
+        end = monotonic() + DEADLINE
+        while not seen and monotonic() < end:
+            try:
+                node_conn.drain_events(timeout=0.2)
+            except socket.timeout:
+                pass
+    assert seen == [1]
+    assert built == [[[f'a.{namespace}'], '', '']]
