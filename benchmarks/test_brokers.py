@@ -103,7 +103,7 @@ def test_multi_call(benchmark, impl, broker, nodes):
                 return replies
             multi_call()
             benchmark.group = f'{name} multi_call ping x{nodes} nodes'
-            benchmark.pedantic(multi_call, rounds=10 if nodes < 50 else 5)
+            benchmark.pedantic(multi_call, rounds=40 if nodes < 50 else 15)
     finally:
         _stop(procs)
 
@@ -123,7 +123,7 @@ def test_call_one_node(benchmark, impl, broker):
                 assert replies == [{target: {'ok': 'pong'}}], replies
             call()
             benchmark.group = f'{name} call ping 1 node'
-            benchmark.pedantic(call, rounds=30)
+            benchmark.pedantic(call, rounds=100)
     finally:
         _stop(procs)
 

@@ -11,7 +11,7 @@ import pytest
 
 from pidbox import bench
 
-pytestmark = pytest.mark.benchmark(max_time=0.25, min_rounds=5)
+pytestmark = pytest.mark.benchmark(max_time=1.0, min_rounds=5)
 
 CASES = [
     pytest.param(case, serializer, route,
