@@ -21,7 +21,7 @@ __all__ = (
     'JSON_CT', 'MSGPACK_CT', 'MSGPACK_DECODER', 'short', 'error_reply',
     'call_handler',
     'load', 'json_text', 'decode_span', 'generic_match', 'native_json',
-    'native_msgpack', 'check_json_depth', 'MAX_JSON_DEPTH',
+    'native_msgpack', 'check_json_depth', 'MAX_JSON_DEPTH', 'undecodable',
 )
 
 JSON_CT = 'application/json'
@@ -111,15 +111,18 @@ def load(body, content_type: str):
             'content_type', f'no decoder registered for {content_type!r}')
     try:
         return decoder(body)
-    except RecursionError:
+    except Exception as exc:
+        raise undecodable(content_type, exc) from None
+
+
+def undecodable(content_type: str, exc: Exception) -> MalformedRequest:
+    """The error for a body the decoder of ``content_type`` refused."""
+    if isinstance(exc, RecursionError):
         # where the limit cuts in depends on the caller's stack (and so on
         # the core): say so without naming the container it hit
-        raise MalformedRequest(
-            'body', f'cannot decode {content_type}: nested too deeply'
-        ) from None
-    except Exception as exc:
-        raise MalformedRequest(
-            'body', f'cannot decode {content_type}: {exc!r}') from None
+        return MalformedRequest(
+            'body', f'cannot decode {content_type}: nested too deeply')
+    return MalformedRequest('body', f'cannot decode {content_type}: {exc!r}')
 
 
 def json_text(body, content_encoding) -> str:

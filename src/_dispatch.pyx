@@ -21,11 +21,11 @@ from kombu.clocks import LamportClock
 from kombu.serialization import registry as _kombu_serializers
 
 from pidbox._codec import (
-    GLOB_AS_IS, JSON_CT, MAX_JSON_DEPTH, MSGPACK_CT, MSGPACK_DECODER, call_handler,
-    check_json_depth,
+    GLOB_AS_IS, JSON_CT, MAX_JSON_DEPTH, MSGPACK_CT, MSGPACK_DECODER,
+    call_handler, check_json_depth,
     decode_span,
     error_reply, generic_match, json_text, kombu_json_loads, load,
-    native_json, native_msgpack, short,
+    native_json, native_msgpack, short, undecodable,
 )
 from pidbox.exceptions import (
     INSECURE_CONTENT, ROUTE_HEADER, TRUSTED_CONTENT, ContentDisallowed,
@@ -1067,13 +1067,8 @@ cdef object _msgpack_load(bytes data):
         return load(data, MSGPACK_CT)
     try:
         return _unpackb(data, raw=False)
-    except RecursionError:
-        raise MalformedRequest(
-            'body', f'cannot decode {MSGPACK_CT}: nested too deeply'
-        ) from None
     except Exception as exc:
-        raise MalformedRequest(
-            'body', f'cannot decode {MSGPACK_CT}: {exc!r}') from None
+        raise undecodable(MSGPACK_CT, exc) from None
 
 
 #: (name, function) pairs a node's class must still hold, and its instance

@@ -105,6 +105,16 @@ def test_service_keeps_serving_after_connection_loss(broker, impl, processes,
             {hostname: {'after': 1}}]
 
 
+def drain_until(conn, done, seconds=DEADLINE):
+    """Drain ``conn`` until ``done()`` or ``seconds`` pass."""
+    end = monotonic() + seconds
+    while not done() and monotonic() < end:
+        try:
+            conn.drain_events(timeout=0.1)
+        except socket.timeout:
+            pass
+
+
 def _listen(mailbox, hostname, conn):
     node = mailbox(conn).Node(hostname)
     node.channel = conn.channel()
@@ -173,12 +183,7 @@ def test_reply_on_a_torn_down_amqp_channel_is_a_connection_error(
 
         mailbox(client_conn)._publish('ping', {}, destination=[hostname],
                                       reply_ticket='t-gone')
-        end = monotonic() + DEADLINE
-        while not delivered and monotonic() < end:
-            try:
-                node_conn.drain_events(timeout=0.2)
-            except socket.timeout:
-                pass
+        drain_until(node_conn, lambda: delivered)
         assert delivered, 'the request never reached the node'
 
         node_conn.collect()   # what kombu does when the connection dies
@@ -261,20 +266,11 @@ def test_redis_node_drops_requests_for_others_before_a_message(
                    for cb in node_conn.transport._callbacks.values())
 
         # Redis fanout is PUB/SUB: the node subscribes on its first poll
-        for _ in range(3):
-            try:
-                node_conn.drain_events(timeout=0.1)
-            except socket.timeout:
-                pass
+        drain_until(node_conn, lambda: False, seconds=0.3)
         client = mailbox(client_conn)
         for _ in range(3):
             client.cast([f'b.{namespace}'], 'ping')
         client.cast([f'a.{namespace}'], 'ping')
-        end = monotonic() + DEADLINE
-        while not seen and monotonic() < end:
-            try:
-                node_conn.drain_events(timeout=0.2)
-            except socket.timeout:
-                pass
+        drain_until(node_conn, lambda: seen)
     assert seen == [1]
     assert built == [[[f'a.{namespace}'], '', '']]
