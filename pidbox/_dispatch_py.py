@@ -471,12 +471,8 @@ class RawHandler:
         self.callback = None if consumer is None else self.callbacks[0]
 
     def __call__(self, message):
-        consumer = self.consumer
-        if consumer is not None:
-            callbacks = consumer.callbacks
-            if callbacks is not self.callbacks or len(callbacks) != 1 or \
-                    callbacks[0] is not self.callback:
-                return self.receive_decoded(message)
+        if self.consumer is not None and not self.callbacks_as_made():
+            return self.receive_decoded(message)
         node = self.node
         headers = message.headers
         self.adjust(headers)
@@ -497,6 +493,12 @@ class RawHandler:
                 node._expired(headers, request.get('reply_to')):
             return None
         return node._run(request)
+
+    def callbacks_as_made(self) -> bool:
+        """The consumer's callbacks are still the list listen() made."""
+        callbacks = self.consumer.callbacks
+        return (callbacks is self.callbacks and len(callbacks) == 1 and
+                callbacks[0] is self.callback)
 
     def adjust(self, headers):
         """Adjust the node's clock from a message's ``clock`` header."""
@@ -520,11 +522,7 @@ class RawHandler:
         """
         consumer = self.consumer
         if consumer is None or consumer.on_message is not self or \
-                not consumer.no_ack:
-            return False
-        callbacks = consumer.callbacks
-        if callbacks is not self.callbacks or len(callbacks) != 1 or \
-                callbacks[0] is not self.callback:
+                not consumer.no_ack or not self.callbacks_as_made():
             return False
         if type(payload) is not dict:
             return False

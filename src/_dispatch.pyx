@@ -1182,12 +1182,8 @@ cdef class RawHandler:
         self.callback = None if consumer is None else self.callbacks[0]
 
     def __call__(self, message):
-        consumer = self.consumer
-        if consumer is not None:
-            callbacks = consumer.callbacks
-            if callbacks is not self.callbacks or len(callbacks) != 1 or \
-                    callbacks[0] is not self.callback:
-                return self.receive_decoded(message)
+        if self.consumer is not None and not self._callbacks_as_made():
+            return self.receive_decoded(message)
         node = self.node
         headers = message.headers
         self._adjust(headers)
@@ -1210,6 +1206,16 @@ cdef class RawHandler:
         if _runs_here(node):
             return run(node, request)
         return node._run(request)
+
+    cdef inline bint _callbacks_as_made(self):
+        """The consumer's callbacks are still the list listen() made."""
+        callbacks = self.consumer.callbacks
+        return (callbacks is self.callbacks and len(callbacks) == 1 and
+                callbacks[0] is self.callback)
+
+    def callbacks_as_made(self):
+        """The consumer's callbacks are still the list listen() made."""
+        return self._callbacks_as_made()
 
     cdef int _adjust(self, object headers) except -1:
         clock = _header(headers, 'clock')
@@ -1242,11 +1248,7 @@ cdef class RawHandler:
         cdef PyObject* found
         consumer = self.consumer
         if consumer is None or consumer.on_message is not self or \
-                not consumer.no_ack:
-            return False
-        callbacks = consumer.callbacks
-        if callbacks is not self.callbacks or len(callbacks) != 1 or \
-                callbacks[0] is not self.callback:
+                not consumer.no_ack or not self._callbacks_as_made():
             return False
         if type(payload) is not dict:
             return False
