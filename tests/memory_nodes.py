@@ -9,7 +9,7 @@ import socket
 import threading
 import time
 
-from kombu import Connection
+from kombu import Connection, Producer
 from kombu.utils.uuid import uuid
 
 #: generous: these machines are shared and noisy
@@ -24,6 +24,17 @@ def unique(prefix='kc'):
 def fresh_connection():
     return Connection('memory://',
                       transport_options={'polling_interval': 0.01})
+
+
+def publish_raw(bound, body, content_type='application/json',
+                content_encoding='utf-8', headers=None):
+    """Publish ``body`` as it is to ``bound``'s exchange (no serializer)."""
+    producer = Producer(bound.connection.default_channel)
+    bound.exchange(producer.channel).declare()
+    producer.publish(body, exchange=bound.exchange.name, routing_key='',
+                     content_type=content_type,
+                     content_encoding=content_encoding,
+                     headers=headers or {})
 
 
 def warning_texts(caplog, level=logging.WARNING):

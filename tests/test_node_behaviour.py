@@ -12,7 +12,7 @@ from kombu import Connection, Producer
 from kombu.exceptions import EncodeError
 
 import pidbox
-from memory_nodes import serve
+from memory_nodes import publish_raw, serve
 from pidbox.exceptions import ROUTE_HEADER
 from pidbox.replies import Unclaimed
 
@@ -30,16 +30,6 @@ def make_node(bound, hostname, **handlers):
                       channel=conn.channel(), handlers=dict(handlers))
     node.listen()
     return node
-
-
-def publish_raw(bound, body, headers=None, content_type='application/json',
-                content_encoding='utf-8'):
-    producer = Producer(bound.connection.default_channel)
-    bound.exchange(producer.channel).declare()
-    producer.publish(body, exchange=bound.exchange.name, routing_key='',
-                     content_type=content_type,
-                     content_encoding=content_encoding,
-                     headers=headers or {})
 
 
 def test_dispatch_core_is_the_one_under_test(core, bound):

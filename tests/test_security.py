@@ -18,14 +18,14 @@ import pickle
 import uuid
 
 import pytest
-from kombu import Connection, Producer
+from kombu import Connection
 from kombu.exceptions import ContentDisallowed
 from kombu.serialization import (
     enable_insecure_serializers, prepare_accept_content, registry,
 )
 
 import pidbox
-from memory_nodes import serve
+from memory_nodes import publish_raw, serve
 
 pytestmark = pytest.mark.usefixtures('core')
 
@@ -76,16 +76,6 @@ def start_node(bound, hostname, handlers=None, recorder=None):
     return node, consumer
 
 
-def publish_raw(bound, body, content_type, content_encoding='binary',
-                headers=None):
-    producer = Producer(bound.connection.default_channel)
-    bound.exchange(producer.channel).declare()
-    producer.publish(body, exchange=bound.exchange.name, routing_key='',
-                     content_type=content_type,
-                     content_encoding=content_encoding,
-                     headers=headers or {})
-
-
 def request(method, **arguments):
     return {'method': method, 'arguments': arguments, 'destination': None,
             'pattern': None, 'matcher': None}
@@ -116,7 +106,7 @@ def test_node_refuses_pickle_and_yaml_requests_by_default(conn, namespace,
     recorder = Recorder()
     start_node(bound, 'a', {'boom': lambda state: ran.append('pickle ran'),
                             'ping': lambda state: 'pong'}, recorder)
-    publish_raw(bound, pickle.dumps(request('boom')), PICKLE_CT)
+    publish_raw(bound, pickle.dumps(request('boom')), PICKLE_CT, 'binary')
     publish_raw(bound, b'method: boom\narguments: {}\n', YAML_CT, 'utf-8')
     serve(conn)
     assert ran == []
@@ -133,7 +123,8 @@ def test_default_on_decode_error_logs_the_refusal(conn, namespace, caplog):
     start_node(bound, 'a', {'boom': lambda state: ran.append(1),
                             'ping': lambda state: 'pong'})
     with caplog.at_level(logging.ERROR):
-        publish_raw(bound, pickle.dumps(request('boom')), PICKLE_CT)
+        publish_raw(bound, pickle.dumps(request('boom')), PICKLE_CT,
+                    'binary')
         serve(conn)
     assert ran == []
     assert any('decode' in r.getMessage().lower() or
@@ -153,7 +144,7 @@ def test_node_with_no_accept_list_refuses_pickle_and_yaml(
         bound, 'a', {'boom': lambda state: ran.append(1),
                      'ping': lambda state: 'pong'}, recorder)
     assert consumer.accept is None
-    publish_raw(bound, pickle.dumps(request('boom')), PICKLE_CT)
+    publish_raw(bound, pickle.dumps(request('boom')), PICKLE_CT, 'binary')
     publish_raw(bound, b'method: boom\n', YAML_CT, 'utf-8')
     serve(conn)
     assert ran == []
@@ -185,7 +176,8 @@ def test_pickle_runs_when_named_explicitly(conn, namespace):
     recorder = Recorder()
     start_node(bound, 'a', {'note': lambda state, value: ran.append(value)},
                recorder)
-    publish_raw(bound, pickle.dumps(request('note', value=(1, 2))), PICKLE_CT)
+    publish_raw(bound, pickle.dumps(request('note', value=(1, 2))),
+                PICKLE_CT, 'binary')
     serve(conn)
     assert ran == [(1, 2)]          # a tuple: it really came through pickle
     assert recorder.errors == []
@@ -218,7 +210,7 @@ def test_celery_style_callback_node_refuses_pickle(conn, namespace, caplog):
         callback=lambda body, message: ran.append(body) or
         node.handle_message(body, message))
     consumer.on_decode_error = recorder
-    publish_raw(bound, pickle.dumps(request('boom')), PICKLE_CT)
+    publish_raw(bound, pickle.dumps(request('boom')), PICKLE_CT, 'binary')
     serve(conn)
     assert ran == []
     assert [ct for ct, _ in recorder.errors] == [PICKLE_CT]
