@@ -251,6 +251,26 @@ def service_args(broker_url, hostname, namespace, serializer='json',
             '--type', type, '--serializer', serializer, '--impl', impl]
 
 
+def start_services(procs, url, namespace, hostnames, log_dir, cwd=HERE,
+                   impl_of=lambda index: 'pidbox') -> None:
+    """Start a ``python -m pidbox.service`` process for each hostname.
+
+    Each goes on ``procs`` as soon as it runs, so that the caller's
+    ``terminate(*procs)`` also ends a fleet that failed half way through
+    starting; its output goes to ``log_dir / f'{hostname}.log'``
+    (``proc.log_path``).  ``impl_of(index)`` picks pidbox or kombu.
+    """
+    for index, hostname in enumerate(hostnames):
+        log_path = log_dir / f'{hostname}.log'
+        with open(log_path, 'wb') as log:
+            proc = subprocess.Popen(
+                service_args(url, hostname, namespace, impl=impl_of(index)),
+                stdout=log, stderr=subprocess.STDOUT, cwd=str(cwd),
+                env=subprocess_env(), start_new_session=True)
+        proc.log_path = log_path
+        procs.append(proc)
+
+
 def tail(path, limit=4000) -> str:
     try:
         return Path(path).read_text(errors='replace')[-limit:]

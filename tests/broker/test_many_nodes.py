@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import random
-import subprocess
 import threading
 from collections import Counter
 from time import monotonic
@@ -17,8 +16,8 @@ import pytest
 
 import pidbox
 from brokerlib import (
-    HERE, connect, require, service_args, subprocess_env, tail, terminate,
-    unique, wait_for_fleet,
+    connect, merge, require, start_services, tail, terminate, unique,
+    wait_for_fleet,
 )
 
 pytestmark = pytest.mark.broker
@@ -44,15 +43,6 @@ class Fleet:
                          for p in self.procs if p.poll() is not None)
 
 
-def merge(replies):
-    merged = {}
-    for reply in replies or ():
-        for host, value in reply.items():
-            assert host not in merged, f'two replies from {host}'
-            merged[host] = value
-    return merged
-
-
 @pytest.fixture(scope='module', params=['redis', 'amqp'])
 def fleet(request, tmp_path_factory):
     url = require(request.param)
@@ -61,16 +51,8 @@ def fleet(request, tmp_path_factory):
     hostnames = [f'node{i:03d}.{namespace}' for i in range(NODES)]
     procs = []
     try:
-        for i, hostname in enumerate(hostnames):
-            log_path = logs / f'{hostname}.log'
-            with open(log_path, 'wb') as log:
-                proc = subprocess.Popen(
-                    service_args(url, hostname, namespace,
-                                 impl='kombu' if i % 5 == 4 else 'pidbox'),
-                    stdout=log, stderr=subprocess.STDOUT, cwd=HERE,
-                    env=subprocess_env(), start_new_session=True)
-            proc.log_path = log_path
-            procs.append(proc)
+        start_services(procs, url, namespace, hostnames, logs,
+                       impl_of=lambda i: 'kombu' if i % 5 == 4 else 'pidbox')
         fleet = Fleet(url, namespace, hostnames, procs)
         wait_for_fleet(fleet, READY_DEADLINE)
         yield fleet

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import random
-import subprocess
 import threading
 from collections import Counter
 from fnmatch import fnmatch
@@ -30,8 +29,8 @@ import pytest
 
 import pidbox
 from brokerlib import (
-    connect, merge, require, service_args, subprocess_env, tail, terminate,
-    unique, wait_for_fleet,
+    connect, merge, require, start_services, tail, terminate, unique,
+    wait_for_fleet,
 )
 
 pytestmark = pytest.mark.broker
@@ -88,15 +87,8 @@ def fleet(request, tmp_path_factory):
     hostnames = [f'node{i:03d}.{namespace}' for i in range(NODES)]
     procs = []
     try:
-        for hostname in hostnames:
-            log_path = workdir / f'{hostname}.log'
-            with open(log_path, 'wb') as log:
-                proc = subprocess.Popen(
-                    service_args(url, hostname, namespace),
-                    stdout=log, stderr=subprocess.STDOUT, cwd=str(workdir),
-                    env=subprocess_env(), start_new_session=True)
-            proc.log_path = log_path
-            procs.append(proc)
+        start_services(procs, url, namespace, hostnames, workdir,
+                       cwd=workdir)
         fleet = Fleet(request.param, url, namespace, hostnames, procs)
         wait_for_fleet(fleet, READY_DEADLINE)
         yield fleet
